@@ -784,7 +784,7 @@ def line_to_child(line: str, conn_id: int, config: Config) -> bytes:
 def split_output(buf: bytes, delimiters: bytes, max_size: int) -> tuple[list[bytes], bytes]:
     """Cut child output at any delimiter byte; return (messages, unfinished rest).
 
-    With the default newline delimiter a trailing CR is dropped. A rest
+    With the default newline delimiter a trailing CR is dropped. A line
     longer than ``max_size`` is cut into ``max_size`` pieces, so a child that
     never ends its line cannot grow memory without bound.
     """
@@ -795,9 +795,11 @@ def split_output(buf: bytes, delimiters: bytes, max_size: int) -> tuple[list[byt
     rest = pieces.pop()
     if delimiters == b"\n":
         pieces = [p[:-1] if p.endswith(b"\r") else p for p in pieces]
-    while len(rest) > max_size:
-        pieces.append(rest[:max_size])
-        rest = rest[max_size:]
+    if len(rest) > max_size or any(len(p) > max_size for p in pieces):
+        pieces = [p[i : i + max_size] for p in pieces for i in range(0, len(p) or 1, max_size)]
+        cut = len(rest) - len(rest) % max_size
+        pieces += [rest[i : i + max_size] for i in range(0, cut, max_size)]
+        rest = rest[cut:]
     return pieces, rest
 
 
@@ -853,6 +855,7 @@ class Room:
         self.proc: asyncio.subprocess.Process | None = None
         self.ended = False  # no client may join once the child is gone or going
         self.starting: asyncio.Task | None = None
+        self.failure: str | None = None  # why the server stopped the child, if it did
         self._tasks: list[asyncio.Task] = []
         self._stdin_lock = asyncio.Lock()
         self._out = bytearray()  # output that does not make a whole message yet
@@ -977,7 +980,8 @@ class Room:
                 self._deliver_lines([bytes(self._out)])  # last line without a delimiter
         except FramingError as exc:
             log.error("room %r: child output: %s; stopping the child", self.name, exc)
-            self.proc.kill()
+            self.failure = f"child output broke the framing: {exc}"
+            os.killpg(self.proc.pid, signal.SIGKILL)
         returncode = await self.proc.wait()
         self.hub.on_child_exit(self, returncode)
 
@@ -1085,12 +1089,14 @@ class Hub:
         if room.ended:
             return
         self._end(room)
-        if returncode >= 0:
+        if room.failure:
+            reason = room.failure
+        elif returncode >= 0:
             reason = f"child exited with code {returncode}"
         else:
             reason = f"child killed by signal {-returncode}"
         log.info("room %r: %s", room.name, reason)
-        code = CloseCode.NORMAL if returncode == 0 else CloseCode.INTERNAL_ERROR
+        code = CloseCode.NORMAL if returncode == 0 and not room.failure else CloseCode.INTERNAL_ERROR
         for client in list(room.clients.values()):
             client.close(code, reason)
 
@@ -1247,7 +1253,7 @@ class Server:
             return
         path = resolve_static(self.config.staticdir, request.path) if self.config.staticdir else None
         if path is None:
-            raise NotFound(f"no file at {request.path}")
+            raise NotFound("no such file")
         await self._send_file(path, head_only, writer)
 
     async def _send_file(self, path: str, head_only: bool, writer: asyncio.StreamWriter) -> None:
