@@ -1,0 +1,1418 @@
+"""Tests for scalesocket.py: pure protocol first, then HTTP, framing, end to end.
+
+Run with: python3 -m pytest -q test_scalesocket.py
+
+Servers bind port 0 on 127.0.0.1; children are ``sys.executable -c`` one-liners
+(or cat); tests wait on what they can observe (a frame, EOF, a log line), and
+a watchdog ends the run with a traceback if one test hangs.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import base64
+import collections
+import faulthandler
+import http.client
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import scalesocket as ss
+from scalesocket import CloseCode, Frame, FrameParser, Opcode, ProtocolError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEST_TIMEOUT = 60  # seconds; a hung test dumps its traceback and ends the run
+IO_TIMEOUT = 10  # seconds for any single socket operation
+
+# Children used by the end-to-end tests.
+ECHO = "import sys\nfor line in sys.stdin:\n    sys.stdout.write(line)\n    sys.stdout.flush()"
+BINARY_ECHO = (
+    "import os\nwhile True:\n    d = os.read(0, 65536)\n    if not d: break\n    os.write(1, d)"
+)
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """End the run with a traceback if a test hangs, instead of eating CI."""
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+###############################################################################
+# Helpers: a blocking WebSocket client and servers ############################
+###############################################################################
+
+
+class HandshakeFailed(Exception):
+    def __init__(self, status: int, head: str, body: bytes) -> None:
+        super().__init__(f"{status}: {head!r}")
+        self.status, self.head, self.body = status, head, body
+
+
+class WSClient:
+    """A blocking WebSocket client built on the module's own sans-I/O protocol."""
+
+    def __init__(self, sock: socket.socket, rest: bytes, max_size: int = 1 << 30) -> None:
+        self.sock = sock
+        self.protocol = ss.WebSocketProtocol(max_size, client=True)
+        self.messages: collections.deque = collections.deque()
+        if rest:
+            self._feed(rest)
+
+    def _feed(self, data: bytes) -> None:
+        self.protocol.receive_data(data)
+        out = self.protocol.data_to_send()
+        if out:
+            try:
+                self.sock.sendall(out)
+            except OSError:
+                pass
+        self.messages.extend(self.protocol.events_received())
+
+    def send_text(self, text: str) -> None:
+        self.protocol.send_text(text)
+        self.sock.sendall(self.protocol.data_to_send())
+
+    def send_binary(self, data: bytes) -> None:
+        self.protocol.send_binary(data)
+        self.sock.sendall(self.protocol.data_to_send())
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> tuple[int, bytes]:
+        """Return the next (opcode, data); (Opcode.CLOSE, b"") once closed."""
+        while not self.messages:
+            if self.protocol.state is ss.State.CLOSED:
+                return Opcode.CLOSE, b""
+            data = self.sock.recv(65536)
+            if not data:
+                self.protocol.receive_eof()
+                continue
+            self._feed(data)
+        message = self.messages.popleft()
+        return message.opcode, message.data
+
+    def recv_text(self) -> str:
+        opcode, data = self.recv()
+        assert opcode == Opcode.TEXT, (opcode, data, self.protocol.close_code, self.protocol.close_reason)
+        return data.decode("utf-8")
+
+    def recv_json(self) -> dict:
+        return json.loads(self.recv_text())
+
+    def recv_close(self) -> tuple[int, str]:
+        """Read (and drop) messages until the server's close frame; return code and reason."""
+        while self.recv()[0] != Opcode.CLOSE:
+            pass
+        return self.protocol.close_code, self.protocol.close_reason
+
+    def wait_eof(self) -> None:
+        """Wait until the server closes the TCP connection."""
+        while self.sock.recv(65536):
+            pass
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        if self.protocol.state is ss.State.OPEN:
+            self.protocol.send_close(code, reason)
+            try:
+                self.sock.sendall(self.protocol.data_to_send())
+            except OSError:
+                pass
+        self.sock.close()
+
+
+def ws_connect(host: str, port: int, path: str = "/room", headers: dict | None = None) -> WSClient:
+    """Open a WebSocket; raise HandshakeFailed unless the answer is 101."""
+    sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    key = base64.b64encode(os.urandom(16)).decode()
+    fields = {
+        "Host": f"{host}:{port}",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": key,
+        "Sec-WebSocket-Version": "13",
+    }
+    fields.update(headers or {})
+    head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items() if v is not None)
+    sock.sendall((head + "\r\n").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            break
+        buf += data
+    head_bytes, _, rest = buf.partition(b"\r\n\r\n")
+    head_text = head_bytes.decode("latin-1")
+    status = int(head_text.split(" ")[1]) if head_text else 0
+    if status != 101:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            rest += data
+        sock.close()
+        raise HandshakeFailed(status, head_text, rest)
+    assert f"\r\nSec-WebSocket-Accept: {ss.accept_key(key)}\r\n" in head_text + "\r\n"
+    return WSClient(sock, rest)
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(data)
+        out = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def http_request(port: int, path: str, method: str = "GET", headers: dict | None = None):
+    """Return (status, headers, body) of one HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=IO_TIMEOUT)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def wait_until(condition, timeout: float = IO_TIMEOUT, what: str = "condition") -> None:
+    """Poll an observable condition (a process gone, a file written) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def process_gone(pid: int) -> bool:
+    """True once a process has exited and been reaped (no zombie left)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+class ServerThread:
+    """A real Server in a background thread's event loop."""
+
+    def __init__(self, config: ss.Config) -> None:
+        self.config = config
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported by start()
+            self.error = exc
+            self.ready.set()
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        self.server = ss.Server(self.config)
+        await self.server.start()
+        self.port = self.server.port
+        self.ready.set()
+        await self.stopped.wait()
+        await self.server.close()
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        assert self.ready.wait(IO_TIMEOUT), "server did not start"
+        if self.error:
+            raise self.error
+        return self
+
+    def call(self, func, *args):
+        """Run ``func(*args)`` on the server's loop and return its result."""
+        done = threading.Event()
+        box = []
+        self.loop.call_soon_threadsafe(lambda: (box.append(func(*args)), done.set()))
+        assert done.wait(IO_TIMEOUT)
+        return box[0]
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.thread.join(IO_TIMEOUT)
+        assert not self.thread.is_alive(), "server did not stop"
+
+    def connect(self, path: str = "/room", **kwargs) -> WSClient:
+        return ws_connect("127.0.0.1", self.port, path, **kwargs)
+
+
+@pytest.fixture
+def serve():
+    """Start servers from command-line arguments (``--addr`` is added); stop them after."""
+    servers = []
+
+    def start(*argv: str) -> ServerThread:
+        config = ss.parse_args(["--addr", "127.0.0.1:0", *argv])
+        server = ServerThread(config).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def py_child(code: str) -> list[str]:
+    """Command-line words that run ``code`` in a Python child."""
+    return [sys.executable, "--", "-u", "-c", code]
+
+
+class CLIServer:
+    """scalesocket.py run as a real command, read up to its 'listening on' line."""
+
+    def __init__(self, *argv: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "scalesocket.py"), "--addr", "127.0.0.1:0", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.lines: list[str] = []
+        while True:
+            line = self.proc.stderr.readline().decode()
+            assert line, f"server exited before listening: {self.lines}"
+            self.lines.append(line)
+            match = re.search(r"listening on ([\d.]+):(\d+)", line)
+            if match:
+                self.port = int(match.group(2))
+                break
+        self._drain = threading.Thread(target=self._read_log, daemon=True)
+        self._drain.start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.decode())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(IO_TIMEOUT)
+
+
+###############################################################################
+# WebSocket protocol (pure) ###################################################
+###############################################################################
+
+MASK = b"\x37\xfa\x21\x3d"  # the masking key of RFC 6455 §5.7
+
+
+def test_accept_key_rfc_example():
+    """The RFC 6455 §1.3 key gives the RFC's accept value."""
+    assert ss.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize(
+    "wire, frame",
+    [
+        (b"\x81\x05Hello", Frame(Opcode.TEXT, b"Hello")),
+        (b"\x01\x03Hel", Frame(Opcode.TEXT, b"Hel", fin=False)),
+        (b"\x80\x02lo", Frame(Opcode.CONT, b"lo")),
+        (b"\x89\x05Hello", Frame(Opcode.PING, b"Hello")),
+        (b"\x82\x7e\x01\x00" + bytes(256), Frame(Opcode.BINARY, bytes(256))),
+        (b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00" + bytes(65536), Frame(Opcode.BINARY, bytes(65536))),
+    ],
+)
+def test_rfc_unmasked_examples(wire, frame):
+    """The unmasked examples of RFC 6455 §5.7 serialize and parse exactly."""
+    assert frame.serialize() == wire
+    assert FrameParser(masked=False).feed(wire) == [frame]
+
+
+def test_rfc_masked_examples():
+    """The masked 'Hello' text and pong of RFC 6455 §5.7, byte for byte."""
+    text = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
+    pong = b"\x8a\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
+    assert Frame(Opcode.TEXT, b"Hello").serialize(MASK) == text
+    assert Frame(Opcode.PONG, b"Hello").serialize(MASK) == pong
+    assert FrameParser().feed(text + pong) == [Frame(Opcode.TEXT, b"Hello"), Frame(Opcode.PONG, b"Hello")]
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY, Opcode.CONT])
+def test_round_trip_length_boundaries(opcode, length):
+    """Every length encoding (7-bit, 16-bit, 64-bit) round-trips, masked and not."""
+    payload = bytes(i % 251 for i in range(length)) if opcode != Opcode.TEXT else b"a" * length
+    frame = Frame(opcode, payload)
+    masked = frame.serialize(MASK)
+    header = 2 if length < 126 else 4 if length < 65536 else 10
+    assert len(masked) == header + 4 + length
+    assert FrameParser().feed(masked) == [frame]
+    assert FrameParser(masked=False).feed(frame.serialize()) == [frame]
+
+
+@pytest.mark.parametrize("length", [0, 1, 125])
+@pytest.mark.parametrize("opcode", [Opcode.CLOSE, Opcode.PING, Opcode.PONG])
+def test_round_trip_control_frames(opcode, length):
+    """Control frames up to 125 bytes round-trip."""
+    frame = Frame(opcode, b"x" * length)
+    assert FrameParser().feed(frame.serialize(MASK)) == [frame]
+
+
+STREAM = (
+    Frame(Opcode.TEXT, "héllo".encode(), fin=False).serialize(MASK)
+    + Frame(Opcode.PING, b"p").serialize(MASK)
+    + Frame(Opcode.CONT, b" world").serialize(MASK)
+    + Frame(Opcode.BINARY, bytes(300)).serialize(MASK)
+)
+EXPECTED = [
+    Frame(Opcode.TEXT, "héllo".encode(), fin=False),
+    Frame(Opcode.PING, b"p"),
+    Frame(Opcode.CONT, b" world"),
+    Frame(Opcode.BINARY, bytes(300)),
+]
+
+
+@pytest.mark.parametrize("split", range(1, len(STREAM)))
+def test_parser_any_split(split):
+    """The same frames come out wherever the byte stream is split in two."""
+    parser = FrameParser()
+    assert parser.feed(STREAM[:split]) + parser.feed(STREAM[split:]) == EXPECTED
+
+
+def test_parser_one_byte_at_a_time():
+    """Feeding one byte at a time gives the same frames."""
+    parser = FrameParser()
+    frames = []
+    for i in range(len(STREAM)):
+        frames += parser.feed(STREAM[i : i + 1])
+    assert frames == EXPECTED
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 9, 14])
+def test_protocol_reassembles_any_split(split):
+    """Fragmented text with a multi-byte character split across fragments and reads."""
+    proto = ss.WebSocketProtocol()
+    wire = (
+        Frame(Opcode.TEXT, "h\u00e9"[0:1].encode() + b"\xc3", fin=False).serialize(MASK)
+        + Frame(Opcode.CONT, b"\xa9!").serialize(MASK)
+    )
+    for i in range(0, len(wire), split):
+        proto.receive_data(wire[i : i + split])
+    assert proto.events_received() == [ss.Message(Opcode.TEXT, "hé!".encode())]
+    assert proto.state is ss.State.OPEN
+
+
+def _fail_code(*frames: bytes, max_size: int = ss.DEFAULT_MAX_MESSAGE) -> tuple[int, bytes]:
+    """Feed frames to a server protocol; return the close code it fails with and its output."""
+    proto = ss.WebSocketProtocol(max_size)
+    for frame in frames:
+        proto.receive_data(frame)
+    assert proto.state is ss.State.CLOSED
+    out = proto.data_to_send()
+    close = FrameParser(masked=False).feed(out)[-1]
+    assert close.opcode == Opcode.CLOSE
+    return struct.unpack("!H", close.payload[:2])[0], close.payload[2:]
+
+
+def _raw(b0: int, payload: bytes = b"", masked: bool = True) -> bytes:
+    """A frame with any first byte (reserved bits and opcodes included)."""
+    n = len(payload)
+    if not masked:
+        return bytes((b0, n)) + payload
+    return bytes((b0, 0x80 | n)) + MASK + ss.apply_mask(payload, MASK)
+
+
+@pytest.mark.parametrize("rsv", [0x40, 0x20, 0x10])
+def test_reserved_bits_fail_1002(rsv):
+    """A frame with a reserved bit set (no extension) fails with 1002."""
+    assert _fail_code(_raw(0x81 | rsv, b"x"))[0] == CloseCode.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 11, 12, 13, 14, 15])
+def test_reserved_opcodes_fail_1002(opcode):
+    """Reserved opcodes fail with 1002."""
+    assert _fail_code(_raw(0x80 | opcode))[0] == CloseCode.PROTOCOL_ERROR
+
+
+def test_violations_in_the_parser_raise_with_their_code():
+    """The parser raises ProtocolError subclasses that carry the close code."""
+    with pytest.raises(ProtocolError) as exc:
+        FrameParser().feed(_raw(0x81, b"x", masked=False))
+    assert exc.value.code == CloseCode.PROTOCOL_ERROR
+    with pytest.raises(ss.MessageTooBig) as exc:
+        FrameParser(max_size=10).feed(Frame(Opcode.BINARY, bytes(11)).serialize(MASK))
+    assert exc.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+@pytest.mark.parametrize(
+    "name, frames, code",
+    [
+        ("unmasked client frame", [_raw(0x81, b"x", masked=False)], 1002),
+        ("masked frame to a client is checked too", [], None),
+        ("fragmented ping", [_raw(0x09, b"x")], 1002),
+        ("control frame over 125 bytes", [b"\x89\xfe\x00\x7e" + MASK + bytes(126)], 1002),
+        ("continuation with nothing to continue", [_raw(0x80, b"x")], 1002),
+        ("text inside a fragmented message", [_raw(0x01, b"a"), _raw(0x81, b"b")], 1002),
+        ("64-bit length with the top bit", [b"\x82\xff\x80" + bytes(7) + MASK], 1002),
+        ("invalid UTF-8 text", [_raw(0x81, b"\xff")], 1007),
+        ("invalid UTF-8 across fragments", [_raw(0x01, b"ok"), _raw(0x00, b"\xed\xa0"), _raw(0x80, b"\x80")], 1007),
+        ("truncated UTF-8 at the end", [_raw(0x01, b"ok"), _raw(0x80, b"\xc3")], 1007),
+        ("close with a 1-byte body", [_raw(0x88, b"\x03")], 1002),
+        ("close reason not UTF-8", [_raw(0x88, b"\x03\xe8\xff")], 1007),
+    ],
+)
+def test_protocol_violations_get_their_close_code(name, frames, code):
+    """Each protocol violation closes with its exact code (1002, 1007)."""
+    if code is None:
+        with pytest.raises(ProtocolError):
+            FrameParser(masked=False).feed(Frame(Opcode.TEXT, b"x").serialize(MASK))
+        return
+    assert _fail_code(*frames)[0] == code
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
+def test_invalid_close_codes_fail_1002(code):
+    """Close codes that may not be sent fail with 1002."""
+    assert _fail_code(_raw(0x88, struct.pack("!H", code)))[0] == CloseCode.PROTOCOL_ERROR
+
+
+def test_message_too_big_1009():
+    """A frame, or fragments adding up, over max_size fail with 1009."""
+    assert _fail_code(_raw(0x82, bytes(11)), max_size=10)[0] == CloseCode.MESSAGE_TOO_BIG
+    frames = [_raw(0x02, bytes(6)), _raw(0x80, bytes(6))]
+    assert _fail_code(*frames, max_size=10)[0] == CloseCode.MESSAGE_TOO_BIG
+    proto = ss.WebSocketProtocol(10)
+    proto.receive_data(_raw(0x82, bytes(10)))
+    assert proto.events_received() == [ss.Message(Opcode.BINARY, bytes(10))]
+
+
+def test_ping_gets_pong_with_same_payload_even_mid_message():
+    """A ping between fragments is answered at once with the same payload."""
+    proto = ss.WebSocketProtocol()
+    proto.receive_data(_raw(0x01, b"a") + _raw(0x89, b"ping!") + _raw(0x80, b"b"))
+    assert FrameParser(masked=False).feed(proto.data_to_send()) == [Frame(Opcode.PONG, b"ping!")]
+    assert proto.events_received() == [ss.Message(Opcode.TEXT, b"ab")]
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1007, 1011, 1014, 3000, 4999])
+def test_close_is_echoed_with_code_and_reason(code):
+    """A valid close frame is answered with the same code and reason; then CLOSED."""
+    proto = ss.WebSocketProtocol()
+    proto.receive_data(_raw(0x88, struct.pack("!H", code) + "bye ✓".encode()))
+    assert proto.state is ss.State.CLOSED
+    assert (proto.close_code, proto.close_reason) == (code, "bye ✓")
+    reply = FrameParser(masked=False).feed(proto.data_to_send())
+    assert reply == [Frame(Opcode.CLOSE, struct.pack("!H", code) + "bye ✓".encode())]
+
+
+def test_empty_close_is_answered_with_empty_close():
+    """A close frame without a code gets one without a code (1005 is never sent)."""
+    proto = ss.WebSocketProtocol()
+    proto.receive_data(_raw(0x88))
+    assert proto.close_code == CloseCode.NO_STATUS
+    assert FrameParser(masked=False).feed(proto.data_to_send()) == [Frame(Opcode.CLOSE, b"")]
+
+
+def test_server_initiated_close_then_data_is_ignored():
+    """After send_close, incoming data is dropped until the peer's close arrives."""
+    proto = ss.WebSocketProtocol()
+    proto.send_close(1001, "going")
+    assert proto.state is ss.State.CLOSING
+    assert FrameParser(masked=False).feed(proto.data_to_send()) == [Frame(Opcode.CLOSE, b"\x03\xe9going")]
+    proto.receive_data(_raw(0x81, b"late") + _raw(0x89, b"p"))
+    assert proto.events_received() == [] and proto.data_to_send() == b""
+    proto.receive_data(_raw(0x88, b"\x03\xe9"))
+    assert proto.state is ss.State.CLOSED and proto.data_to_send() == b""
+
+
+def test_close_reason_is_cut_to_fit_a_control_frame():
+    """A long close reason is cut to 123 bytes without splitting a character."""
+    payload = ss.close_payload(1011, "é" * 100)
+    assert len(payload) <= 125
+    payload[2:].decode("utf-8")
+
+
+def test_nothing_after_failure():
+    """Once failed, the protocol ignores further bytes and sends nothing more."""
+    proto = ss.WebSocketProtocol()
+    proto.receive_data(_raw(0x83) + _raw(0x81, b"x"))
+    assert proto.state is ss.State.CLOSED
+    proto.data_to_send()
+    proto.receive_data(_raw(0x81, b"more"))
+    assert proto.events_received() == [] and proto.data_to_send() == b""
+
+
+###############################################################################
+# HTTP (pure) #################################################################
+###############################################################################
+
+UPGRADE = (
+    "GET /chat?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_parse_request_and_handshake():
+    """A browser-style upgrade parses and gets the RFC's 101 answer."""
+    request = ss.parse_request(UPGRADE.encode())
+    assert (request.method, request.path, request.query) == ("GET", "/chat", "x=1")
+    assert ss.is_websocket_upgrade(request)
+    response = ss.handshake_response(request).decode()
+    assert response.startswith("HTTP/1.1 101 Switching Protocols\r\n")
+    assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
+
+
+@pytest.mark.parametrize(
+    "change, status",
+    [
+        (("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
+        (("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Key: c2hvcnQ="), 400),
+        (("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400),
+        (("Connection: keep-alive, Upgrade", "Connection: keep-alive"), 400),
+        (("GET ", "POST "), 405),
+        (("HTTP/1.1", "HTTP/1.0"), 400),
+    ],
+)
+def test_handshake_errors_carry_their_status(change, status):
+    """Each broken handshake raises the HTTPError with the right status."""
+    request = ss.parse_request(UPGRADE.replace(*change).encode())
+    with pytest.raises(ss.HTTPError) as exc:
+        ss.handshake_response(request)
+    assert exc.value.status == status
+    if status == 426:
+        assert ("Sec-WebSocket-Version", "13") in exc.value.headers
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /\r\n\r\n",
+        b"GET / HTTP/1.1 extra\r\n\r\n",
+        b"GET relative HTTP/1.1\r\n\r\n",
+        b"G(T / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+        b"GET / HTTP/1.1\r\n folded: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+        b"GET /\xff HTTP/1.1\r\n\r\n",
+        b"GET / HTTX/1.1\r\n\r\n",
+    ],
+)
+def test_parse_request_rejects_malformed_heads(head):
+    """Malformed request heads raise BadRequest (400)."""
+    with pytest.raises(ss.BadRequest):
+        ss.parse_request(head)
+
+
+def test_parse_request_rejects_other_http_versions_with_505():
+    """HTTP/2.0 on this listener is 505."""
+    with pytest.raises(ss.HTTPError) as exc:
+        ss.parse_request(b"GET / HTTP/2.0\r\n\r\n")
+    assert exc.value.status == 505
+
+
+def test_duplicate_headers_are_joined():
+    """Repeated headers combine with commas, as RFC 9110 allows."""
+    request = ss.parse_request(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nconnection: Upgrade\r\n\r\n")
+    assert request.header_tokens("connection") == {"keep-alive", "upgrade"}
+
+
+@pytest.mark.parametrize(
+    "path, room",
+    [("/chat", "chat"), ("/room%201", "room 1"), ("/%C3%A9t%C3%A9", "été"), ("/a;b$c", "a;b$c")],
+)
+def test_room_from_path(path, room):
+    """The room is the percent-decoded first path component."""
+    assert ss.room_from_path(path) == room
+
+
+@pytest.mark.parametrize(
+    "path, error",
+    [
+        ("/", ss.NotFound),
+        ("/a/b", ss.NotFound),
+        ("/chat/", ss.NotFound),
+        ("/a%2Fb", ss.BadRequest),
+        ("/a%00b", ss.BadRequest),
+        ("/%ff", ss.BadRequest),
+        ("/api", ss.BadRequest),
+        ("/metrics", ss.BadRequest),
+        ("/favicon.ico", ss.BadRequest),
+    ],
+)
+def test_room_from_path_rejects(path, error):
+    """Paths that are not /ROOM are 404; bad or reserved room names are 400."""
+    with pytest.raises(error):
+        ss.room_from_path(path)
+
+
+@pytest.fixture
+def static_root(tmp_path):
+    """A static root with an index, a subfolder, and secrets and links around it."""
+    root = tmp_path / "public"
+    (root / "sub").mkdir(parents=True)
+    (root / "index.html").write_text("<h1>home</h1>")
+    (root / "sub" / "index.html").write_text("<h1>sub</h1>")
+    (root / "app.js").write_text("console.log(1)")
+    (tmp_path / "secret.txt").write_text("TOP-SECRET")
+    (root / "leak").symlink_to(tmp_path / "secret.txt")
+    (root / "leakdir").symlink_to(tmp_path)
+    (root / "ok-link.html").symlink_to(root / "index.html")
+    return root
+
+
+def test_resolve_static_finds_files(static_root):
+    """Files, directory indexes and symlinks that stay inside the root resolve."""
+    root = str(static_root)
+    assert ss.resolve_static(root, "/") == os.path.join(os.path.realpath(root), "index.html")
+    assert ss.resolve_static(root, "/sub/").endswith(os.path.join("sub", "index.html"))
+    assert ss.resolve_static(root, "/app.js").endswith("app.js")
+    assert ss.resolve_static(root, "/ok-link.html").endswith("index.html")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret.txt",
+        "/sub/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E%2Fsecret.txt",
+        "/..%5csecret.txt",
+        "/sub\\..\\..\\secret.txt",
+        "/index.html%00.txt",
+        "/leak",
+        "/leakdir/secret.txt",
+        "/missing.html",
+        "/%ff",
+    ],
+)
+def test_resolve_static_never_leaves_the_root(static_root, path):
+    """Traversal by dots, encodings, backslashes, NUL or symlinks resolves to nothing."""
+    assert ss.resolve_static(str(static_root), path) is None
+
+
+def test_guess_type():
+    """Content types come from the extension; text types say UTF-8."""
+    assert ss.guess_type("a.html") == "text/html; charset=utf-8"
+    assert ss.guess_type("a.png") == "image/png"
+    assert ss.guess_type("noext") == "application/octet-stream"
+
+
+###############################################################################
+# Framing helpers (pure) ######################################################
+###############################################################################
+
+
+def _config(*argv: str) -> ss.Config:
+    return ss.parse_args([*argv, "cat"])
+
+
+def test_to_child_text_binary_and_json():
+    """Text adds a newline, binary adds nothing, JSON sets _from and writes one line."""
+    text = ss.Message(Opcode.TEXT, b"hi")
+    assert ss.to_child(text, 7, _config()) == b"hi\n"
+    assert ss.to_child(ss.Message(Opcode.BINARY, b"\x00\n"), 7, _config("--binary")) == b"\x00\n"
+    line = ss.to_child(ss.Message(Opcode.TEXT, b'{"a": 1, "_from": 99, "s": "\\u00e9"}'), 7, _config("--json"))
+    assert line == '{"a":1,"_from":7,"s":"é"}\n'.encode()
+
+
+@pytest.mark.parametrize("data", [b"[1,2]", b'"str"', b"nope", b"{", b"NaN", b"\xff", b"[" * 100000])
+def test_to_child_json_rejects_non_objects(data):
+    """With --json, anything but a JSON object is a FramingError (dropped)."""
+    with pytest.raises(ss.FramingError):
+        ss.to_child(ss.Message(Opcode.TEXT, data), 1, _config("--json"))
+
+
+def test_to_child_json_lone_surrogate_stays_valid_utf8():
+    """A \\ud800 escape cannot make the child's line invalid UTF-8."""
+    line = ss.to_child(ss.Message(Opcode.TEXT, b'{"s":"\\ud800"}'), 1, _config("--json"))
+    line.decode("utf-8")
+    assert json.loads(line)["s"] == "\ud800"
+
+
+def test_gwsocket_both_directions():
+    """gwsocket headers are three big-endian u32: id, type, length."""
+    config = _config("--frame=gwsocket")
+    assert ss.to_child(ss.Message(Opcode.BINARY, b"ab"), 5, config) == b"\0\0\0\5\0\0\0\2\0\0\0\2ab"
+    stream = b"\0\0\0\0\0\0\0\1\0\0\0\3abc" + b"\0\0\0\5\0\0\0\2\0\0\0\1z" + b"\0\0\0\0\0\0"
+    messages, used = ss.parse_gwsocket(stream, 100)
+    assert messages == [(0, 1, b"abc"), (5, 2, b"z")] and used == len(stream) - 6
+    with pytest.raises(ss.FramingError):
+        ss.parse_gwsocket(b"\0\0\0\0\0\0\0\3\0\0\0\0", 100)
+    with pytest.raises(ss.FramingError):
+        ss.parse_gwsocket(b"\0\0\0\0\0\0\0\1\0\0\1\0", 100)
+
+
+def test_split_output():
+    """Output is cut at delimiters, CRLF loses its CR, empty lines count, rest waits."""
+    assert ss.split_output(b"a\r\nb\n\nc", b"\n", 100) == ([b"a", b"b", b""], b"c")
+    assert ss.split_output(b"a,b;c", b",;", 100) == ([b"a", b"b"], b"c")
+    assert ss.split_output(b"x" * 25, b"\n", 10) == ([b"x" * 10, b"x" * 10], b"x" * 5)
+
+
+def test_route_json():
+    """Only an integer _to routes a line; anything else is a broadcast."""
+    assert ss.route_json(b'{"_to": 3, "x": 1}') == 3
+    for line in [b'{"_to": "3"}', b'{"_to": true}', b'{"x": 1}', b"[1]", b'{"_to": 3', b"plain"]:
+        assert ss.route_json(line) is None
+
+
+def test_text_payload_replaces_invalid_utf8():
+    """Invalid UTF-8 from a child becomes U+FFFD, never an invalid text frame."""
+    assert ss.text_payload(b"ok \xff") == "ok \ufffd".encode()
+    assert ss.text_payload("é".encode()) == "é".encode()
+
+
+def test_render_template():
+    """Variables are filled in one pass and query values are percent-encoded."""
+    request = ss.Request("GET", "/r?nick=a%22b&x=%23ID", "/r", "nick=a%22b&x=%23ID", {}, remote_addr="1.2.3.4")
+    out = ss.render_template('{"id":#ID,"n":"#QUERY_NICK","x":"#QUERY_X","r":"#ROOM","a":"#REMOTE_ADDR"}', 9, "r", request)
+    assert out == '{"id":9,"n":"a%22b","x":"%23ID","r":"r","a":"1.2.3.4"}'
+    json.loads(out)
+
+
+###############################################################################
+# End to end: rooms, children, framing ########################################
+###############################################################################
+
+
+def test_chat_two_clients_see_each_other(serve):
+    """The seed chat: --json with cat; both clients see joins, messages and leaves."""
+    server = serve("--json", "cat")
+    a = server.connect("/room1")
+    assert a.recv_json() == {"t": "Join", "_from": 1}
+    b = server.connect("/room1?nick=b")
+    assert b.recv_json() == {"t": "Join", "_from": 2}  # its own join: in the room before the 101
+    assert a.recv_json() == {"t": "Join", "_from": 2}
+    b.send_text(json.dumps({"nick": "bob", "text": "hi", "_from": 1}))
+    expected = {"nick": "bob", "text": "hi", "_from": 2}  # _from cannot be forged
+    assert a.recv_json() == expected and b.recv_json() == expected
+    b.close()
+    assert a.recv_json() == {"t": "Leave", "_from": 2}
+    a.close()
+
+
+def test_rooms_are_isolated(serve):
+    """Messages stay in their room; each room has its own child."""
+    server = serve(*py_child("import os, sys\nprint(os.environ['ROOM'], os.getpid())\n" + ECHO))
+    a = server.connect("/red")
+    b = server.connect("/blue")
+    room_a, pid_a = a.recv_text().split()
+    room_b, pid_b = b.recv_text().split()
+    assert (room_a, room_b) == ("red", "blue") and pid_a != pid_b
+    a.send_text("for red")
+    b.send_text("for blue")
+    assert a.recv_text() == "for red"
+    assert b.recv_text() == "for blue"
+    a.close()
+    b.close()
+
+
+def test_child_is_stopped_and_reaped_after_last_client(serve):
+    """The last client out stops the child; no process or zombie is left."""
+    server = serve(*py_child("import os\nprint(os.getpid())\n" + ECHO))
+    a = server.connect("/r")
+    pid = int(a.recv_text())
+    b = server.connect("/r")
+    a.close()
+    b.send_text("still here")
+    assert b.recv_text() == "still here"
+    assert not process_gone(pid)
+    b.close()
+    wait_until(lambda: process_gone(pid), what=f"child {pid} to be reaped")
+    assert server.call(lambda: dict(server.server.hub.rooms)) == {}
+
+
+def test_child_that_ignores_sigterm_is_killed(serve):
+    """A child that ignores SIGTERM gets SIGKILL after the grace period."""
+    code = "import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())\nsys.stdin.read()\nimport time\ntime.sleep(60)"
+    server = serve(*py_child(code))
+    a = server.connect("/r")
+    pid = int(a.recv_text())
+    a.close()
+    wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="SIGKILL")
+
+
+@pytest.mark.parametrize("exit_code, close_code", [(0, 1000), (3, 1011)])
+def test_child_exit_delivers_output_then_closes(serve, exit_code, close_code):
+    """A child that exits: its last output arrives first, then a close naming the exit code."""
+    server = serve(*py_child(f"import sys\nprint('one')\nsys.stdout.write('two')\nsys.exit({exit_code})"))
+    a = server.connect("/r")
+    assert a.recv_text() == "one"
+    assert a.recv_text() == "two"
+    code, reason = a.recv_close()
+    assert code == close_code and f"exited with code {exit_code}" in reason
+    a.wait_eof()
+    b = server.connect("/r")  # the room starts afresh
+    assert b.recv_text() == "one"
+    b.close()
+
+
+def test_child_killed_by_signal_is_reported(serve):
+    """A child killed by a signal closes its clients with 1011 naming the signal."""
+    server = serve(*py_child("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"))
+    a = server.connect("/r")
+    assert a.recv_close() == (1011, "child killed by signal 9")
+
+
+def test_spawn_failure_closes_1011_and_server_keeps_serving(serve, tmp_path):
+    """A command that cannot start: 101 then close 1011 saying why; nothing else breaks."""
+    server = serve(str(tmp_path / "no-such-program"))
+    a = server.connect("/r")
+    code, reason = a.recv_close()
+    assert code == 1011 and "cannot start" in reason and "no-such-program" in reason
+    b = server.connect("/other")
+    assert b.recv_close()[0] == 1011
+    assert http_request(server.port, "/health")[0] == 200
+
+
+def test_text_mode_lines(serve):
+    """Text mode: one message per line, CRLF and empty lines handled, bad UTF-8 replaced."""
+    server = serve(*py_child("import sys\nsys.stdout.buffer.write(b'a\\r\\n\\nb\\xff\\nlast')\nsys.stdout.flush()\nsys.stdin.read()"))
+    a = server.connect("/r")
+    assert [a.recv_text() for _ in range(3)] == ["a", "", "b\ufffd"]
+    a.close()
+
+
+def test_long_child_line_is_delivered_in_pieces(serve):
+    """A line longer than --maxsize arrives in --maxsize pieces, nothing is lost."""
+    server = serve("--maxsize", "1000", *py_child("print('x' * 2500)\nimport sys\nsys.stdin.read()"))
+    a = server.connect("/r")
+    assert [len(a.recv_text()) for _ in range(3)] == [1000, 1000, 500]
+    a.close()
+
+
+def test_client_text_reaches_child_with_newline(serve):
+    """Text mode writes each message plus a newline; the echo comes back."""
+    server = serve(*py_child(ECHO))
+    a = server.connect("/r")
+    a.send_text("héllo")
+    a.send_binary(b"bin")
+    assert a.recv_text() == "héllo"
+    assert a.recv_text() == "bin"
+    a.close()
+
+
+def test_binary_mode_passes_raw_bytes(serve):
+    """--binary: raw bytes to the child and binary messages back."""
+    server = serve("--binary", *py_child(BINARY_ECHO))
+    a = server.connect("/r")
+    payload = bytes(range(256))
+    a.send_binary(payload)
+    got = b""
+    while len(got) < len(payload):
+        opcode, data = a.recv()
+        assert opcode == Opcode.BINARY
+        got += data
+    assert got == payload
+    a.close()
+
+
+def test_gwsocket_cat_is_an_exact_echo(serve):
+    """--frame=gwsocket with cat keeps types and boundaries, to the sender only."""
+    server = serve("--frame=gwsocket", "cat")
+    a = server.connect("/r")
+    b = server.connect("/r")
+    a.send_text("é" * 3)
+    a.send_binary(b"\x00\xff" * 40000)
+    a.send_text("")
+    assert a.recv() == (Opcode.TEXT, "é".encode() * 3)
+    assert a.recv() == (Opcode.BINARY, b"\x00\xff" * 40000)
+    assert a.recv() == (Opcode.TEXT, b"")
+    b.send_text("b's")
+    assert b.recv() == (Opcode.TEXT, b"b's")
+    a.close()
+    b.close()
+
+
+GWSOCKET_CHILD = """
+import struct, sys
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    head = inp.read(12)
+    if len(head) < 12:
+        break
+    sender, kind, length = struct.unpack('!III', head)
+    body = inp.read(length)
+    if body == b'go':
+        out.write(struct.pack('!III', 0, 1, 5) + b'hello')
+    else:
+        out.write(struct.pack('!III', 0, 9, 0))
+    out.flush()
+"""
+
+
+def test_gwsocket_broadcast_and_bad_framing(serve):
+    """gwsocket id 0 broadcasts; a child that breaks the framing is stopped, clients told why."""
+    server = serve("--frame=gwsocket", *py_child(GWSOCKET_CHILD))
+    a = server.connect("/r")
+    b = server.connect("/r")
+    a.send_text("go")
+    assert a.recv() == (Opcode.TEXT, b"hello")
+    assert b.recv() == (Opcode.TEXT, b"hello")
+    b.send_text("break it")
+    for client in (a, b):
+        code, reason = client.recv_close()
+        assert code == 1011 and "gwsocket message type 9" in reason
+
+
+def test_json_routing(serve):
+    """--json: _to goes to one client; non-objects are dropped and the client stays."""
+    code = (
+        "import json, sys\n"
+        "for line in sys.stdin:\n"
+        "    m = json.loads(line)\n"
+        "    if m.get('t') == 'Join': continue\n"
+        "    print(json.dumps({'_to': m['_from'], 'you': m['_from']}) if m.get('private') else line.strip(), flush=True)\n"
+    )
+    server = serve("--json", *py_child(code))
+    a = server.connect("/r")
+    b = server.connect("/r")
+    a.send_text("not json")
+    a.send_text("[1, 2]")
+    a.send_text(json.dumps({"private": True}))
+    assert a.recv_json() == {"_to": 1, "you": 1}
+    b.send_text(json.dumps({"public": 1}))
+    assert b.recv_json() == {"public": 1, "_from": 2}
+    assert a.recv_json() == {"public": 1, "_from": 2}  # a never got b's private reply
+    a.close()
+    b.close()
+
+
+def test_child_environment_is_minimal(serve, monkeypatch):
+    """The child sees --passenv variables plus ROOM, QUERY_STRING and REMOTE_ADDR only."""
+    monkeypatch.setenv("SCALESOCKET_TEST_SECRET", "leak")
+    server = serve(*py_child("import json, os\nprint(json.dumps(dict(os.environ)))\nimport sys\nsys.stdin.read()"))
+    a = server.connect("/my%20room?x=1&y=%3B")
+    env = a.recv_json()
+    assert env["ROOM"] == "my room"
+    assert env["QUERY_STRING"] == "x=1&y=%3B"
+    assert env["REMOTE_ADDR"] == "127.0.0.1"
+    assert "SCALESOCKET_TEST_SECRET" not in env
+    assert set(env) <= {"ROOM", "QUERY_STRING", "REMOTE_ADDR", "PATH", "DYLD_LIBRARY_PATH", "LC_CTYPE"}
+    a.close()
+
+
+def test_shell_metacharacters_are_plain_data(serve, tmp_path, monkeypatch):
+    """Room names and queries with shell syntax reach the child as data, never a shell."""
+    monkeypatch.chdir(tmp_path)  # where a shell would create its file
+    server = serve(*py_child("import os\nprint(os.environ['ROOM'])\nprint(os.environ['QUERY_STRING'])\nimport sys\nsys.stdin.read()"))
+    room = ";touch pwned1;`touch pwned2`|$(touch pwned3)&"
+    a = server.connect("/" + urllib.parse.quote(room, safe="") + "?q=$(touch%20pwned4)")
+    assert a.recv_text() == room
+    assert a.recv_text() == "q=$(touch%20pwned4)"
+    a.close()
+    assert os.listdir(tmp_path) == []
+
+
+###############################################################################
+# End to end: the WebSocket protocol on a real server #########################
+###############################################################################
+
+
+def test_ping_pong_on_a_real_server(serve):
+    """A ping is answered with a pong carrying the same payload."""
+    server = serve(*py_child(ECHO))
+    a = server.connect("/r")
+    a.send_raw(Frame(Opcode.PING, b"are you there").serialize(MASK))
+    a.send_text("after")
+    assert a.recv_text() == "after"
+    # The pong itself is consumed by the protocol; check it on the wire instead.
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+    raw.sendall(UPGRADE.replace("/chat?x=1", "/r").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += raw.recv(4096)
+    raw.sendall(Frame(Opcode.PING, b"abc").serialize(MASK))
+    buf = buf.partition(b"\r\n\r\n")[2]
+    parser = FrameParser(masked=False)
+    frames = parser.feed(buf)
+    while not frames:
+        frames = parser.feed(raw.recv(4096))
+    assert frames[0] == Frame(Opcode.PONG, b"abc")
+    raw.close()
+    a.close()
+
+
+@pytest.mark.parametrize(
+    "wire, code",
+    [
+        (_raw(0x81, b"x", masked=False), 1002),
+        (_raw(0x81, b"\xc3\x28"), 1007),
+        (_raw(0xC1, b"x"), 1002),
+        (b"\x82\xfe\x04\x00" + MASK + bytes(1024), 1009),
+    ],
+)
+def test_protocol_errors_close_with_code_and_server_keeps_serving(serve, wire, code):
+    """Protocol errors on a live connection close it with the code; others are untouched."""
+    server = serve("--maxsize", "1000", *py_child(ECHO))
+    good = server.connect("/r")
+    bad = server.connect("/r")
+    bad.send_raw(wire)
+    assert bad.recv_close()[0] == code
+    bad.wait_eof()
+    good.send_text("still fine")
+    assert good.recv_text() == "still fine"
+    good.close()
+
+
+def test_client_close_is_echoed(serve):
+    """A client's close gets the same code and reason back, then the server closes TCP."""
+    server = serve(*py_child(ECHO))
+    a = server.connect("/r")
+    a.protocol.send_close(4321, "done here")
+    a.send_raw(a.protocol.data_to_send())
+    assert a.recv() == (Opcode.CLOSE, b"")
+    assert (a.protocol.close_code, a.protocol.close_reason) == (4321, "done here")
+    a.wait_eof()
+
+
+###############################################################################
+# End to end: HTTP on the same port ###########################################
+###############################################################################
+
+
+def test_health(serve):
+    """GET /health answers {"status":"ok"}."""
+    server = serve("cat")
+    status, headers, body = http_request(server.port, "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_static_files(serve, static_root):
+    """--staticdir serves index.html at /, with type and length; HEAD has no body."""
+    server = serve("--staticdir", str(static_root), "cat")
+    status, headers, body = http_request(server.port, "/")
+    assert (status, body) == (200, b"<h1>home</h1>")
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["Content-Length"] == str(len(body))
+    status, headers, body = http_request(server.port, "/app.js", method="HEAD")
+    assert status == 200 and body == b"" and headers["Content-Length"] == "14"
+    assert http_request(server.port, "/sub/?q=1")[2] == b"<h1>sub</h1>"
+
+
+def test_static_file_is_streamed_whole(serve, tmp_path):
+    """A large file arrives whole (it is sent in chunks)."""
+    (tmp_path / "big.bin").write_bytes(os.urandom(3 * ss.FILE_CHUNK + 17))
+    server = serve("--staticdir", str(tmp_path), "cat")
+    status, _, body = http_request(server.port, "/big.bin")
+    assert status == 200 and body == (tmp_path / "big.bin").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "target", ["/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/..%5csecret.txt", "/leak", "/leakdir/secret.txt", "/nope"]
+)
+def test_static_traversal_is_404(serve, static_root, target):
+    """Nothing outside --staticdir can be read, whatever the encoding or link."""
+    server = serve("--staticdir", str(static_root), "cat")
+    response = raw_request(server.port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status_of(response) == 404 and b"TOP-SECRET" not in response.split(b"\r\n\r\n", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        (b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"garbage\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * (ss.MAX_HEAD_BYTES + 10) + b"\r\n\r\n", 431),
+        (UPGRADE.replace("/chat?x=1", "/api").encode(), 400),
+        (UPGRADE.replace("/chat?x=1", "/a/b").encode(), 404),
+        (UPGRADE.replace("Version: 13", "Version: 12").encode(), 426),
+        (UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "bad").encode(), 400),
+    ],
+)
+def test_bad_requests_get_their_status(serve, request_bytes, status):
+    """Each bad request gets its status, and the server goes on serving."""
+    server = serve("cat")
+    response = raw_request(server.port, request_bytes)
+    assert status_of(response) == status
+    if status == 426:
+        assert b"Sec-WebSocket-Version: 13\r\n" in response
+    assert http_request(server.port, "/health")[0] == 200
+
+
+def test_incomplete_request_does_not_block_others(serve):
+    """A client that never finishes its head does not stop another from connecting."""
+    server = serve(*py_child(ECHO))
+    lazy = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+    lazy.sendall(b"GET /r HTTP/1.1\r\n")
+    a = server.connect("/r")
+    a.send_text("hi")
+    assert a.recv_text() == "hi"
+    a.close()
+    lazy.close()
+
+
+###############################################################################
+# End to end: the chat page in a real browser #################################
+###############################################################################
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DEVTOOLS_LINE = re.compile(rb"DevTools listening on ws://([\d.]+):(\d+)(/devtools/browser/[\w-]+)")
+
+
+class CDP:
+    """A Chrome DevTools Protocol session over the test's own WebSocket client."""
+
+    def __init__(self, ws: WSClient) -> None:
+        self.ws = ws
+        self.last_id = 0
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        self.last_id += 1
+        message = {"id": self.last_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        self.ws.send_text(json.dumps(message))
+        while True:
+            opcode, data = self.ws.recv()
+            if opcode == Opcode.CLOSE:
+                raise ConnectionError(f"DevTools closed while waiting for {method}")
+            reply = json.loads(data)
+            if reply.get("id") == self.last_id:  # anything else is an event
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def evaluate(self, session: str, expression: str):
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
+        return result.get("result", {}).get("value")
+
+    def wait_for(self, session: str, expression: str) -> None:
+        """Poll a page expression until it is true (errors while loading count as false)."""
+        guarded = f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"
+        wait_until(lambda: self._true(session, guarded), what=expression)
+
+    def _true(self, session: str, expression: str) -> bool:
+        try:
+            return bool(self.evaluate(session, expression))
+        except RuntimeError:
+            return False  # e.g. the execution context is replaced by the navigation
+
+    def open_tab(self, url: str) -> str:
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        # The page links a stylesheet on a CDN this machine cannot reach, and a
+        # pending stylesheet holds back the page's script: fail it at once.
+        self.call("Network.enable", session=session)
+        self.call("Network.setBlockedURLs", {"urls": ["*cdn.simplecss.org*"]}, session)
+        self.call("Emulation.setFocusEmulationEnabled", {"enabled": True}, session)
+        self.call("Page.navigate", {"url": url}, session)
+        return session
+
+    def type_line(self, session: str, text: str) -> None:
+        """Type into the focused input and press Enter (the page acts on keyup)."""
+        self.call("Input.insertText", {"text": text}, session)
+        key = {"key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13}
+        self.call("Input.dispatchKeyEvent", {"type": "keyDown", "text": "\r", **key}, session)
+        self.call("Input.dispatchKeyEvent", {"type": "keyUp", **key}, session)
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """A headless Chromium; yields (host, port, path) of its DevTools socket."""
+    if CHROMIUM is None:
+        if os.environ.get("SCALESOCKET_REQUIRE_BROWSER"):
+            pytest.fail("SCALESOCKET_REQUIRE_BROWSER is set but Chromium is not installed")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    proc = subprocess.Popen(
+        [CHROMIUM, "--headless", "--remote-debugging-port=0", "--no-sandbox", "--disable-gpu",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        buf = b""
+        deadline = time.monotonic() + 30
+        while not DEVTOOLS_LINE.search(buf):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no DevTools line from Chromium: {buf[-2000:]!r}"
+            if select.select([proc.stderr], [], [], left)[0]:
+                chunk = os.read(proc.stderr.fileno(), 65536)
+                assert chunk, f"Chromium exited: {buf[-2000:]!r}"
+                buf += chunk
+        host, port, path = DEVTOOLS_LINE.search(buf).groups()
+        # Keep reading its log, or Chromium blocks once the pipe is full.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        yield host.decode(), int(port), path.decode()
+    finally:
+        proc.kill()
+        proc.wait(IO_TIMEOUT)
+
+
+def test_chat_page_in_two_browser_tabs(serve, chromium):
+    """The shipped index.html in two Chromium tabs: B types a line, A's textarea shows it."""
+    server = serve("--json", "--staticdir", HERE, "cat")
+    cdp = CDP(ws_connect(*chromium))
+    url = f"http://127.0.0.1:{server.port}/?room=room1"
+    tab_a = cdp.open_tab(url)
+    cdp.wait_for(tab_a, 'document.getElementById("message").disabled === false')
+    tab_b = cdp.open_tab(url)
+    cdp.wait_for(tab_b, 'document.getElementById("message").disabled === false')
+    cdp.wait_for(tab_a, 'document.getElementById("messages").value.includes("a participant joined")')
+    cdp.evaluate(tab_b, 'document.getElementById("message").focus()')
+    cdp.type_line(tab_b, "hello from B")
+    shown = 'document.getElementById("messages").value.includes("<anonymous> hello from B")'
+    cdp.wait_for(tab_a, shown)
+    cdp.wait_for(tab_b, shown)
+    assert cdp.evaluate(tab_b, 'document.getElementById("message").value') == ""
+    try:
+        cdp.call("Browser.close")
+    except ConnectionError:
+        pass
+    cdp.ws.close()
+
+
+###############################################################################
+# Command line and shutdown ###################################################
+###############################################################################
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "scalesocket.py"), *argv],
+        capture_output=True, text=True, timeout=IO_TIMEOUT,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        ([], "CMD"),
+        (["--maxsize", "0", "cat"], "--maxsize"),
+        (["--maxsize", "x", "cat"], "--maxsize"),
+        (["--frame=xml", "cat"], "--frame"),
+        (["--addr", "nowhere", "cat"], "--addr"),
+        (["--addr", "1.2.3.4:99999", "cat"], "--addr"),
+        (["--json", "--frame=gwsocket", "cat"], "--frame"),
+        (["--staticdir", "/no/such/dir", "cat"], "--staticdir"),
+        (["--bogus", "cat"], "--bogus"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, option):
+    """A bad command line is one error line naming the option, and exit status 2."""
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalesocket.py: error:") and option in lines[0], lines
+
+
+def test_version_and_help():
+    """-V prints the version; -h lists the options."""
+    assert run_cli("-V").stdout.strip() == f"scalesocket.py {ss.__version__}"
+    result = run_cli("-h")
+    assert result.returncode == 0
+    for option in ["--addr", "--binary", "--json", "--frame", "--staticdir", "--maxsize", "-v", "-V"]:
+        assert option in result.stdout
+
+
+def test_bare_frame_means_json_and_args_follow_double_dash():
+    """`--frame cat` is JSON framing around cat; words after -- go to the child."""
+    config = ss.parse_args(["--frame", "cat", "--", "-n", "--", "x"])
+    assert (config.cmd, config.args, config.clientframe, config.serverframe) == ("cat", ["-n", "--", "x"], "json", "json")
+    assert config.joinmsg is None
+    config = ss.parse_args(["--json", "--addr", "[::1]:0", "cat"])
+    assert (config.host, config.port, config.joinmsg) == ("::1", 0, '{"t":"Join","_from":#ID}')
+
+
+def test_sigterm_closes_clients_1001_and_reaps_children():
+    """SIGTERM: every client gets 1001, every child is stopped, exit status 0."""
+    server = CLIServer(*py_child("import os\nprint(os.getpid(), flush=True)\n" + ECHO))
+    try:
+        a = ws_connect("127.0.0.1", server.port, "/one")
+        b = ws_connect("127.0.0.1", server.port, "/two")
+        pids = [int(a.recv_text()), int(b.recv_text())]
+        server.proc.send_signal(signal.SIGTERM)
+        assert a.recv_close() == (1001, "server shutting down")
+        assert b.recv_close() == (1001, "server shutting down")
+        assert server.proc.wait(IO_TIMEOUT) == 0
+        for pid in pids:
+            wait_until(lambda: process_gone(pid), what=f"child {pid} gone")
+    finally:
+        server.stop()
+
+
+def test_cli_logs_the_bound_port_and_serves():
+    """Port 0 binds a free port, logged as 'listening on HOST:PORT'."""
+    server = CLIServer("--json", "cat")
+    try:
+        assert server.port > 0
+        a = ws_connect("127.0.0.1", server.port, "/room1")
+        assert a.recv_json() == {"t": "Join", "_from": 1}
+        a.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_embedding_start_and_close_in_a_running_loop():
+    """Server runs inside an existing loop and closes cleanly, port 0 included."""
+
+    async def scenario():
+        server = ss.Server(ss.Config(cmd="cat", host="127.0.0.1", port=0))
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\n\r\n")
+        response = await reader.read()
+        writer.close()
+        await server.close()
+        return response
+
+    assert b'{"status":"ok"}' in asyncio.run(scenario())
+
+
+###############################################################################
+# Contracts of the file itself ################################################
+###############################################################################
+
+
+def test_imports_only_the_standard_library():
+    """scalesocket.py imports nothing outside the standard library."""
+    with open(os.path.join(HERE, "scalesocket.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    stdlib = getattr(sys, "stdlib_module_names", None)
+    if stdlib is None:  # Python 3.9: nothing to compare with but what is installed
+        pytest.skip("sys.stdlib_module_names needs Python 3.10")
+    assert names - set(stdlib) - {"__future__"} == set()
+
+
+def test_import_has_no_side_effects():
+    """Importing the module prints nothing, adds no log handler and starts nothing."""
+    code = (
+        "import logging, threading, scalesocket\n"
+        "assert logging.getLogger('scalesocket').handlers == []\n"
+        "assert threading.active_count() == 1\n"
+        "print(scalesocket.__version__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=IO_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ss.__version__ and result.stderr == ""
