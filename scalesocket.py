@@ -269,6 +269,8 @@ class FrameParser:
         self.max_size = max_size
         self.masked = masked  # True on a server: every client frame is masked
         self._buf = bytearray()
+        # (opcode, payload offset, mask key) of a frame whose payload is still arriving
+        self._partial: tuple[int, int, bytes] | None = None
 
     def feed(self, data: bytes) -> list[Frame]:
         """Buffer ``data`` and return the frames it completes.
@@ -280,6 +282,7 @@ class FrameParser:
         buf = self._buf
         buf += data
         frames = []
+        self._partial = None
         pos = 0
         end = len(buf)
         while end - pos >= 2:
@@ -318,6 +321,8 @@ class FrameParser:
             if self.masked:
                 head += 4
             if end - pos < head + length:
+                mask = bytes(buf[pos + head - 4 : pos + head]) if self.masked else b""
+                self._partial = (opcode, head, mask)
                 break
             payload = bytes(buf[pos + head : pos + head + length])
             if self.masked:
@@ -327,6 +332,19 @@ class FrameParser:
         if pos:
             del buf[:pos]
         return frames
+
+    def partial_payload(self, start: int) -> tuple[int, bytes] | None:
+        """Return the opcode and the payload bytes from ``start`` on of a frame
+        that is still arriving (unmasked), or None if no frame is half-received.
+        """
+        if self._partial is None:
+            return None
+        opcode, head, mask = self._partial
+        data = bytes(self._buf[head + start :])
+        if mask:
+            shift = start % 4
+            data = apply_mask(data, mask[shift:] + mask[:shift])
+        return opcode, data
 
 
 class State(enum.Enum):
@@ -369,6 +387,8 @@ class WebSocketProtocol:
         self._frag_parts: list[bytes] = []
         self._frag_size = 0
         self._decoder = None
+        self._partial_decoder = None  # checks a text frame that is still arriving
+        self._partial_checked = 0
 
     # Bytes in.
 
@@ -377,12 +397,38 @@ class WebSocketProtocol:
         if self.state is State.CLOSED:
             return
         try:
-            for frame in self.parser.feed(data):
+            frames = self.parser.feed(data)
+            if frames:
+                self._partial_decoder = None
+                self._partial_checked = 0
+            for frame in frames:
                 self._receive_frame(frame)
                 if self.state is State.CLOSED:
-                    break
+                    return
+            if self.state is State.OPEN:
+                self._check_partial_text()
         except ProtocolError as exc:
             self.fail(exc.code, exc.reason)
+
+    def _check_partial_text(self) -> None:
+        """Fail fast on bad UTF-8 in a text frame before all of it has arrived."""
+        partial = self.parser.partial_payload(self._partial_checked)
+        if partial is None:
+            return
+        opcode, data = partial
+        if opcode == Opcode.CONT:
+            opcode = self._frag_opcode
+        if opcode != Opcode.TEXT or not data:
+            return
+        if self._partial_decoder is None:
+            self._partial_decoder = codecs.getincrementaldecoder("utf-8")()
+            if self._decoder is not None:  # continue where the earlier fragments ended
+                self._partial_decoder.setstate(self._decoder.getstate())
+        try:
+            self._partial_decoder.decode(data, False)
+        except UnicodeDecodeError:
+            raise InvalidPayload("text message is not valid UTF-8") from None
+        self._partial_checked += len(data)
 
     def receive_eof(self) -> None:
         """Note that the peer closed the TCP connection."""

@@ -498,6 +498,32 @@ def test_invalid_close_codes_fail_1002(code):
     assert _fail_code(_raw(0x88, struct.pack("!H", code)))[0] == CloseCode.PROTOCOL_ERROR
 
 
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_bad_utf8_fails_before_the_frame_is_complete(fragmented):
+    """Invalid UTF-8 in a text frame that is still arriving fails with 1007 at once."""
+    proto = ss.WebSocketProtocol()
+    if fragmented:
+        proto.receive_data(_raw(0x01, b"ok\xc3"))  # a character split across fragments
+        frame = Frame(Opcode.CONT, b"\xa9 fine \xff" + b"x" * 200).serialize(MASK)
+    else:
+        frame = Frame(Opcode.TEXT, "é fine ".encode() + b"\xff" + b"x" * 200).serialize(MASK)
+    proto.receive_data(frame[:10])
+    assert proto.state is ss.State.OPEN
+    proto.receive_data(frame[10:20])
+    assert proto.state is ss.State.CLOSED
+    assert FrameParser(masked=False).feed(proto.data_to_send())[0].payload[:2] == b"\x03\xef"
+
+
+def test_valid_utf8_split_inside_a_frame_passes():
+    """A text frame read in pieces that split characters is accepted whole."""
+    text = ("añb€c" * 50).encode()
+    wire = _raw(0x01, text[:7]) + Frame(Opcode.CONT, text[7:]).serialize(MASK)
+    proto = ss.WebSocketProtocol()
+    for i in range(0, len(wire), 3):
+        proto.receive_data(wire[i : i + 3])
+    assert proto.events_received() == [ss.Message(Opcode.TEXT, text)]
+
+
 def test_message_too_big_1009():
     """A frame, or fragments adding up, over max_size fail with 1009."""
     assert _fail_code(_raw(0x82, bytes(11)), max_size=10)[0] == CloseCode.MESSAGE_TOO_BIG
