@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import codecs
+import collections
 import enum
 import hashlib
 import http
@@ -66,6 +67,7 @@ DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a client to send its whole request head
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's side of a closing handshake
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child
+TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
 READ_CHUNK = 256 * 1024
 FILE_CHUNK = 64 * 1024
 DEFAULT_PASSENV = ("PATH", "DYLD_LIBRARY_PATH")
@@ -747,6 +749,18 @@ class Config:
     max_size: int = DEFAULT_MAX_MESSAGE
     delimiters: bytes = b"\n"
     passenv: tuple[str, ...] = DEFAULT_PASSENV
+    cache_size: int = 0  # --cache: replay this many messages to each new client
+    cache_tagged: bool = False  # only messages with "_cache": true
+    cache_persist: bool = False
+    rooms: frozenset[str] | None = None  # --rooms: the only rooms accepted
+    max_rooms: int | None = None
+    oneshot: bool = False
+    tcp: bool = False
+    tcp_ports: tuple[int, int] = (9001, 9999)
+    delay: float = 0.0
+    metrics: bool = False
+    api: bool = False
+    log_format: str = "text"
     verbose: int = 0
 
 
@@ -839,7 +853,7 @@ def split_output(buf: bytes, delimiters: bytes, max_size: int) -> tuple[list[byt
     else:
         pieces = re.split(b"[" + re.escape(delimiters) + b"]", buf)
     rest = pieces.pop()
-    if delimiters == b"\n":
+    if b"\n" in delimiters:
         pieces = [p[:-1] if p.endswith(b"\r") else p for p in pieces]
     if len(rest) > max_size or any(len(p) > max_size for p in pieces):
         pieces = [p[i : i + max_size] for p in pieces for i in range(0, len(p) or 1, max_size)]
@@ -871,16 +885,32 @@ def parse_gwsocket(buf: bytes | bytearray, max_size: int) -> tuple[list[tuple[in
     return out, pos
 
 
-def route_json(line: bytes) -> int | None:
-    """Return the client id of a JSON line's integer ``_to``, or None (broadcast)."""
-    if not line.startswith(b"{") or b'"_to"' not in line:
-        return None  # cheap test first: most lines are broadcasts
+@dataclass
+class Routed:
+    """Where a line from the child goes: ``to`` one client or (None) everyone."""
+
+    to: int | None = None
+    meta: dict | None = None  # "_meta": true: kept as the room's metadata, not sent
+    cache: bool = False  # "_cache": true: kept by --cache tagged:N
+
+
+_EVERYONE = Routed()
+
+
+def from_child(line: bytes) -> Routed:
+    """Read the routing fields (_to, _meta, _cache) of a JSON line from the child."""
+    if not line.startswith(b"{") or not (b'"_to"' in line or b'"_meta"' in line or b'"_cache"' in line):
+        return _EVERYONE  # the cheap test first: most lines are plain broadcasts
     try:
         obj = json.loads(line)
     except (ValueError, RecursionError):
-        return None
-    to = obj.get("_to") if isinstance(obj, dict) else None
-    return to if type(to) is int else None
+        return _EVERYONE
+    if not isinstance(obj, dict):
+        return _EVERYONE
+    if obj.get("_meta") is True:
+        return Routed(meta={key: value for key, value in obj.items() if key != "_meta"})
+    to = obj.get("_to")
+    return Routed(to if type(to) is int else None, None, obj.get("_cache") is True)
 
 
 def text_payload(data: bytes) -> bytes:
@@ -890,69 +920,201 @@ def text_payload(data: bytes) -> bytes:
     return data.decode("utf-8", "replace").encode("utf-8")
 
 
+class PortPool:
+    """The --tcpports range; a port goes back to the pool when its room ends."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.range = f"{start}:{end}"
+        self._free = collections.deque(range(start, end + 1))
+
+    def take(self) -> int:
+        """Return a free port.
+
+        Raises:
+            RoomUnavailable: every port of the range is in use (close 1013).
+        """
+        if not self._free:
+            raise RoomUnavailable(f"no free TCP port in {self.range}", CloseCode.TRY_AGAIN_LATER)
+        return self._free.popleft()
+
+    def give(self, port: int) -> None:
+        self._free.append(port)
+
+
 class Room:
-    """One room: its clients and its child process, with the stdout and stderr pumps."""
+    """One room: its clients, its child process and the pumps around it.
+
+    The child's input and output are streams: its stdin and stdout, or in TCP
+    mode a connection to the port it listens on.
+    """
 
     def __init__(self, hub: Hub, name: str) -> None:
         self.hub = hub
         self.config = hub.config
         self.name = name
         self.clients: dict[int, Client] = {}
+        self.metadata: dict | None = None
+        self.cache = hub.cache_for(name)
         self.proc: asyncio.subprocess.Process | None = None
+        self.port: int | None = None
         self.ended = False  # no client may join once the child is gone or going
         self.starting: asyncio.Task | None = None
         self.failure: str | None = None  # why the server stopped the child, if it did
+        self.stats = collections.Counter()  # connections, messages and bytes in and out
+        self._input: asyncio.StreamWriter | None = None
+        self._killed = False
         self._tasks: list[asyncio.Task] = []
-        self._stdin_lock = asyncio.Lock()
+        self._input_lock = asyncio.Lock()
         self._out = bytearray()  # output that does not make a whole message yet
+
+    # The child's life.
 
     async def start(self, env: dict[str, str]) -> None:
         """Start the child and its pumps.
 
         Raises:
-            ProcessSpawnError: the command could not be started.
+            ProcessSpawnError: the child could not be started or, in TCP mode,
+                did not accept a connection in time.
+            RoomUnavailable: no TCP port is free.
         """
         config = self.config
+        loop = asyncio.get_running_loop()
+        if config.tcp:
+            self.port = self.hub.ports.take()
+            env["PORT"] = str(self.port)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 config.cmd,
                 *config.args,
-                stdin=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL if config.tcp else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                # Own session: a Ctrl-C on the server's terminal reaches the
-                # server, which then stops every child in order.
+                # Own session and process group: a Ctrl-C on the server's
+                # terminal reaches only the server, which stops every child in
+                # order, and a signal to the group reaches what the child started.
                 start_new_session=True,
             )
         except OSError as exc:
+            self._release_port()
             raise ProcessSpawnError(f"cannot start {config.cmd}: {exc.strerror or exc}") from None
-        log.info("room %r: started child %d: %s", self.name, self.proc.pid, config.cmd)
+        self.hub.on_child_start(self)
+        self._tasks.append(loop.create_task(self._pump_log(self.proc.stderr, "stderr")))
+        if config.tcp:
+            self._tasks.append(loop.create_task(self._pump_log(self.proc.stdout, "stdout")))
+            try:
+                output, self._input = await self._connect_tcp()
+            except ProcessSpawnError:
+                await self._kill()
+                raise
+        else:
+            output, self._input = self.proc.stdout, self.proc.stdin
+        self._tasks.append(loop.create_task(self._pump_output(output)))
+
+    async def _connect_tcp(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the child's port as soon as it listens (after --delay)."""
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._pump_stdout()), loop.create_task(self._pump_stderr())]
+        if self.config.delay:
+            await asyncio.sleep(self.config.delay)
+        deadline = loop.time() + TCP_CONNECT_TIMEOUT
+        while True:
+            try:
+                return await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                pass
+            if self.proc.returncode is not None:
+                raise ProcessSpawnError(f"child exited with code {self.proc.returncode} before listening on port {self.port}")
+            if loop.time() > deadline:
+                raise ProcessSpawnError(f"child did not listen on 127.0.0.1:{self.port} within {TCP_CONNECT_TIMEOUT:g} s")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Stop the child and reap it, after it has finished starting."""
+        self.ended = True
+        if self.starting is not None and not self.starting.done():
+            await asyncio.gather(self.starting, return_exceptions=True)
+        await self._kill()
+
+    async def _kill(self) -> None:
+        """SIGTERM to the child's process group, SIGKILL after KILL_GRACE; reap it."""
+        self.ended = True
+        proc = self.proc
+        if proc is not None and not self._killed:
+            self._killed = True
+            if self._input is not None and not self._input.is_closing():
+                self._input.close()
+            for signum in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass  # the whole group is gone already
+                try:
+                    await asyncio.wait_for(proc.wait(), KILL_GRACE)
+                    break
+                except asyncio.TimeoutError:
+                    if signum == signal.SIGTERM:
+                        log.warning("room %r: child %d ignored SIGTERM, killing it", self.name, proc.pid,
+                                    extra={"room": self.name})
+            # A grandchild may still hold the pipes open; the pumps do not wait for it.
+            for task in self._tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
+            log.info("room %r: child %d stopped", self.name, proc.pid, extra={"room": self.name})
+            self.hub.totals["children_stopped"] += 1
+        self._release_port()
+
+    def _release_port(self) -> None:
+        if self.port is not None:
+            self.hub.ports.give(self.port)
+            self.port = None
+
+    # Clients to child.
+
+    async def receive(self, client: Client, message: Message) -> None:
+        """Pass a client's message to the child, waiting while the child is busy."""
+        try:
+            payload = to_child(message, client.id, self.config)
+        except FramingError as exc:
+            log.warning("client %d: message dropped: %s", client.id, exc, extra={"room": self.name, "client": client.id})
+            return
+        self.stats["messages_in"] += 1
+        self.stats["bytes_in"] += len(message.data)
+        await self.send_to_child(payload)
 
     async def send_to_child(self, data: bytes) -> None:
-        """Write to the child's stdin, waiting while its pipe is full (backpressure)."""
-        stdin = self.proc.stdin if self.proc else None
-        if stdin is None or self.ended or stdin.is_closing():
+        """Write to the child, waiting while its pipe is full (backpressure)."""
+        writer = self._input
+        if writer is None or self.ended or writer.is_closing():
             return
-        stdin.write(data)
-        async with self._stdin_lock:  # Python 3.9 allows one drain() waiter at a time
+        writer.write(data)
+        async with self._input_lock:  # Python 3.9 allows one drain() waiter at a time
             try:
-                await stdin.drain()
+                await writer.drain()
             except (ConnectionError, BrokenPipeError):
-                pass  # the child is gone; its exit is handled by the stdout pump
+                pass  # the child is gone; the output pump handles its exit
 
     def write_to_child_nowait(self, data: bytes) -> None:
-        """Write to the child's stdin without waiting (for leave messages)."""
-        stdin = self.proc.stdin if self.proc else None
-        if stdin is not None and not stdin.is_closing():
-            stdin.write(data)
+        """Write to the child without waiting (for leave messages)."""
+        writer = self._input
+        if writer is not None and not writer.is_closing():
+            writer.write(data)
 
-    def broadcast(self, data: bytes) -> None:
-        """Write encoded frames to every client of the room."""
+    # Child to clients.
+
+    def broadcast(self, data: bytes, count: int = 1) -> None:
+        """Write ``count`` encoded frames to every client of the room."""
         for client in self.clients.values():
             client.send(data)
+        self.stats["messages_out"] += count * len(self.clients)
+        self.stats["bytes_out"] += len(data) * len(self.clients)
+
+    def send_to(self, conn_id: int, frame: bytes) -> None:
+        """Write one encoded frame to one client of the room, if it is here."""
+        client = self.clients.get(conn_id)
+        if client is not None:
+            client.send(frame)
+            self.stats["messages_out"] += 1
+            self.stats["bytes_out"] += len(frame)
 
     def _deliver(self, chunk: bytes) -> None:
         """Cut child output into messages and send them where they go."""
@@ -961,7 +1123,10 @@ class Room:
             self._deliver_gwsocket(chunk)
             return
         if config.binary and config.serverframe is None:
-            self.broadcast(encode_frame(Opcode.BINARY, chunk))
+            frame = encode_frame(Opcode.BINARY, chunk)
+            if self.cache is not None and not config.cache_tagged:
+                self.cache.append(frame)
+            self.broadcast(frame)
             return
         buf = self._out
         if self._no_delimiter(chunk) and len(buf) + len(chunk) <= config.max_size:
@@ -983,39 +1148,46 @@ class Room:
 
     def _deliver_lines(self, lines: list[bytes]) -> None:
         routed = self.config.serverframe == "json"
+        cache = self.cache
+        cache_all = cache is not None and not self.config.cache_tagged
         pending = []  # broadcast frames, written to each client in one go
         for line in lines:
+            route = from_child(line) if routed else _EVERYONE
+            if route.meta is not None:
+                self.metadata = route.meta
+                continue
             frame = encode_frame(Opcode.TEXT, text_payload(line))
-            to = route_json(line) if routed else None
-            if to is None:
+            if route.to is None:
                 pending.append(frame)
+                if cache_all or route.cache and cache is not None:
+                    cache.append(frame)
                 continue
             if pending:
-                self.broadcast(b"".join(pending))
+                self.broadcast(b"".join(pending), len(pending))
                 pending = []
-            client = self.clients.get(to)
-            if client is not None:
-                client.send(frame)
+            self.send_to(route.to, frame)
         if pending:
-            self.broadcast(b"".join(pending))
+            self.broadcast(b"".join(pending), len(pending))
 
     def _deliver_gwsocket(self, chunk: bytes) -> None:
         buf = self._out
         buf += chunk
         messages, used = parse_gwsocket(buf, self.config.max_size)
         del buf[:used]
+        cache_all = self.cache is not None and not self.config.cache_tagged
         for to, kind, payload in messages:
             if kind == 1:
                 frame = encode_frame(Opcode.TEXT, text_payload(payload))
             else:
                 frame = encode_frame(Opcode.BINARY, payload)
-            if to == 0:
-                self.broadcast(frame)
-            elif to in self.clients:
-                self.clients[to].send(frame)
+            if to:
+                self.send_to(to, frame)
+                continue
+            if cache_all:
+                self.cache.append(frame)
+            self.broadcast(frame)
 
-    async def _pump_stdout(self) -> None:
-        reader = self.proc.stdout
+    async def _pump_output(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 chunk = await reader.read(READ_CHUNK)
@@ -1023,52 +1195,26 @@ class Room:
                     break
                 self._deliver(chunk)
             if self._out and self.config.serverframe != "gwsocket":
-                self._deliver_lines([bytes(self._out)])  # last line without a delimiter
+                self._deliver_lines([bytes(self._out)])  # the last line had no delimiter
         except FramingError as exc:
-            log.error("room %r: child output: %s; stopping the child", self.name, exc)
+            log.error("room %r: child output: %s; stopping the child", self.name, exc, extra={"room": self.name})
             self.failure = f"child output broke the framing: {exc}"
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        except ConnectionError:
+            pass  # TCP mode: the child reset the connection; its exit follows
         returncode = await self.proc.wait()
         self.hub.on_child_exit(self, returncode)
 
-    async def _pump_stderr(self) -> None:
-        reader = self.proc.stderr
+    async def _pump_log(self, reader: asyncio.StreamReader, name: str) -> None:
         while True:
-            line = await reader.read(READ_CHUNK)
-            if not line:
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
                 break
-            for text in line.decode("utf-8", "replace").splitlines():
-                log.warning("room %r: child stderr: %s", self.name, text)
-
-    async def stop(self) -> None:
-        """Stop the child and reap it: SIGTERM, then SIGKILL after KILL_GRACE.
-
-        The signals go to the child's process group, so whatever it started
-        goes too and no grandchild keeps the pipes (or the room) alive.
-        """
-        self.ended = True
-        if self.starting is not None and not self.starting.done():
-            await asyncio.gather(self.starting, return_exceptions=True)
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass  # the whole group is gone already
-            try:
-                await asyncio.wait_for(proc.wait(), KILL_GRACE)
-                break
-            except asyncio.TimeoutError:
-                if signum == signal.SIGTERM:
-                    log.warning("room %r: child %d ignored SIGTERM, killing it", self.name, proc.pid)
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        log.info("room %r: child %d stopped", self.name, proc.pid)
+            for text in chunk.decode("utf-8", "replace").splitlines():
+                log.warning("room %r: child %s: %s", self.name, name, text, extra={"room": self.name})
 
 
 class Hub:
@@ -1077,7 +1223,12 @@ class Hub:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.rooms: dict[str, Room] = {}
+        self.ports = PortPool(*config.tcp_ports)
+        self.totals = collections.Counter()  # server-wide counters for /metrics
+        self.on_oneshot_end = None  # callback: --oneshot's room has ended
+        self._oneshot_room: str | None = None
         self._last_id = 0
+        self._caches: dict[str, collections.deque] = {}  # --cachepersist
         self._stopping: set[asyncio.Task] = set()
 
     def new_client_id(self) -> int:
@@ -1085,34 +1236,51 @@ class Hub:
         self._last_id += 1
         return self._last_id
 
+    def cache_for(self, room_name: str) -> collections.deque | None:
+        """Return the message cache of a room (kept across its lives with --cachepersist)."""
+        size = self.config.cache_size
+        if not size:
+            return None
+        if not self.config.cache_persist:
+            return collections.deque(maxlen=size)
+        return self._caches.setdefault(room_name, collections.deque(maxlen=size))
+
     async def join(self, client: Client, room_name: str, request: Request) -> Room:
         """Put a client in its room, starting the room's child if it is the first.
 
         When it returns, the client is in the room; the caller must write the
-        101 response before awaiting anything, so it precedes every broadcast.
+        101 response (and the cache) before awaiting anything, so that they
+        precede every live message.
 
         Raises:
-            RoomUnavailable: the child could not be started, or has exited.
+            RoomUnavailable: the child could not be started or has exited, or a
+                limit (--maxrooms, --oneshot, --tcpports) keeps the room closed.
         """
+        config = self.config
         room = self.rooms.get(room_name)
         if room is None:
+            if config.oneshot and self._oneshot_room not in (None, room_name):
+                raise RoomUnavailable(f"--oneshot: this server serves room {self._oneshot_room!r} only",
+                                      CloseCode.TRY_AGAIN_LATER)
+            if config.max_rooms is not None and len(self.rooms) >= config.max_rooms:
+                raise RoomUnavailable(f"too many rooms (at most {config.max_rooms})", CloseCode.TRY_AGAIN_LATER)
+            self._oneshot_room = room_name
             room = Room(self, room_name)
             self.rooms[room_name] = room
-            env = child_env(self.config, room_name, request)
-            room.starting = asyncio.get_running_loop().create_task(room.start(env))
+            room.starting = asyncio.get_running_loop().create_task(room.start(child_env(config, room_name, request)))
         try:
             await asyncio.shield(room.starting)
-        except ProcessSpawnError as exc:
-            room.ended = True
-            if self.rooms.get(room_name) is room:
-                del self.rooms[room_name]
-            log.error("room %r: %s", room_name, exc.reason)
+        except RoomUnavailable as exc:
+            log.error("room %r: %s", room_name, exc.reason, extra={"room": room_name})
+            self._end(room)
             raise
         if room.ended:
-            raise RoomUnavailable("the room's child has exited")
+            raise RoomUnavailable(room.failure or "the room's child has exited")
         room.clients[client.id] = client
         client.room = room
-        log.info("client %d joined room %r (%s)", client.id, room_name, request.remote_addr)
+        room.stats["connections"] += 1
+        log.info("client %d joined room %r from %s", client.id, room_name, request.remote_addr,
+                 extra={"room": room_name, "client": client.id})
         return room
 
     def leave(self, client: Client) -> None:
@@ -1120,47 +1288,55 @@ class Hub:
         room = client.room
         if room is None or room.clients.pop(client.id, None) is None:
             return
-        log.info("client %d left room %r", client.id, room.name)
+        log.info("client %d left room %r", client.id, room.name, extra={"room": room.name, "client": client.id})
         if room.ended:
             return
         if self.config.leavemsg is not None:
             text = render_template(self.config.leavemsg, client.id, room.name, client.request)
             room.write_to_child_nowait(line_to_child(text, client.id, self.config))
         if not room.clients:
-            log.info("room %r: all clients left, stopping the child", room.name)
+            log.info("room %r: all clients left, stopping the child", room.name, extra={"room": room.name})
             self._end(room)
+
+    def on_child_start(self, room: Room) -> None:
+        self.totals["children_started"] += 1
+        log.info("room %r: started child %d: %s", room.name, room.proc.pid, self.config.cmd, extra={"room": room.name})
 
     def on_child_exit(self, room: Room, returncode: int) -> None:
         """Close every client of a room whose child exited on its own."""
         if room.ended:
             return
-        self._end(room)
         if room.failure:
             reason = room.failure
         elif returncode >= 0:
             reason = f"child exited with code {returncode}"
         else:
             reason = f"child killed by signal {-returncode}"
-        log.info("room %r: %s", room.name, reason)
+        log.info("room %r: %s", room.name, reason, extra={"room": room.name})
         code = CloseCode.NORMAL if returncode == 0 and not room.failure else CloseCode.INTERNAL_ERROR
         for client in list(room.clients.values()):
             client.close(code, reason)
+        self._end(room)
 
     def _end(self, room: Room) -> None:
         """Take a room out of service and stop its child in the background."""
         room.ended = True
-        if self.rooms.get(room.name) is room:
-            del self.rooms[room.name]
+        if self.rooms.get(room.name) is not room:
+            return  # ended already
+        del self.rooms[room.name]
+        self.totals.update(room.stats)
         task = asyncio.get_running_loop().create_task(room.stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+        if self.config.oneshot and self.on_oneshot_end is not None:
+            task.add_done_callback(lambda _: self.on_oneshot_end())
 
     async def shutdown(self) -> None:
         """Close every client with 1001 and stop every child."""
         for room in list(self.rooms.values()):
-            self._end(room)
             for client in list(room.clients.values()):
                 client.close(CloseCode.GOING_AWAY, "server shutting down")
+            self._end(room)
         await asyncio.gather(*self._stopping, return_exceptions=True)
 
 
@@ -1211,7 +1387,85 @@ class Client:
 
 
 ###############################################################################
-# 6. Server and CLI ###########################################################
+# 6. Metrics and API ##########################################################
+###############################################################################
+
+# (family, type, help, Room.stats key or None for open connections)
+_ROOM_METRICS = [
+    ("scalesocket_websocket_connections", "counter", "WebSocket connections made to the room.", "connections"),
+    ("scalesocket_websocket_connections_open", "gauge", "WebSocket connections open in the room.", None),
+    ("scalesocket_messages_received", "counter", "Messages received from the room's clients.", "messages_in"),
+    ("scalesocket_received_bytes", "counter", "Payload bytes received from the room's clients.", "bytes_in"),
+    ("scalesocket_messages_sent", "counter", "Messages sent to the room's clients, one per client.", "messages_out"),
+    ("scalesocket_sent_bytes", "counter", "Bytes sent to the room's clients, frame headers included.", "bytes_out"),
+]
+_SERVER_METRICS = [
+    ("scalesocket_rooms_open", "gauge", "Rooms open, each with one child.", None),
+    ("scalesocket_connections", "counter", "WebSocket connections made to any room.", "connections"),
+    ("scalesocket_children_started", "counter", "Child processes started.", "children_started"),
+    ("scalesocket_children_stopped", "counter", "Child processes stopped and reaped.", "children_stopped"),
+]
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_openmetrics(hub: Hub) -> str:
+    """Return the server's metrics in the OpenMetrics text format.
+
+    Per-room series exist while the room is open; the server-wide ones count
+    over the server's whole life.
+    """
+    lines = []
+    rooms = sorted(hub.rooms.values(), key=lambda room: room.name)
+    for family, kind, text, key in _ROOM_METRICS:
+        lines += [f"# TYPE {family} {kind}", f"# HELP {family} {text}"]
+        suffix = "_total" if kind == "counter" else ""
+        for room in rooms:
+            value = len(room.clients) if key is None else room.stats[key]
+            lines.append(f'{family}{suffix}{{room="{_label_value(room.name)}"}} {value}')
+    totals = hub.totals.copy()
+    for room in rooms:
+        totals.update(room.stats)
+    for family, kind, text, key in _SERVER_METRICS:
+        value = len(rooms) if key is None else totals[key]
+        suffix = "_total" if kind == "counter" else ""
+        lines += [f"# TYPE {family} {kind}", f"# HELP {family} {text}", f"{family}{suffix} {value}"]
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+def _room_info(room: Room) -> dict:
+    return {"name": room.name, "connections": len(room.clients), "metadata": room.metadata}
+
+
+def api_response(hub: Hub, path: str):
+    """Return the JSON value for an /api/ path (rooms, a room, its count or metadata).
+
+    Raises:
+        NotFound: no such route, or no such room open.
+    """
+    if path == "/api/rooms":
+        return [_room_info(room) for room in sorted(hub.rooms.values(), key=lambda room: room.name)]
+    parts = path.split("/")
+    if len(parts) in (3, 4) and parts[1] == "api" and parts[2]:
+        room = hub.rooms.get(urllib.parse.unquote(parts[2]))
+        if room is None:
+            raise NotFound("no such room")
+        view = parts[3] if len(parts) == 4 else ""
+        if view == "":
+            return _room_info(room)
+        if view == "connections":
+            return len(room.clients)
+        if view == "metadata":
+            return room.metadata
+    raise NotFound("no such API route")
+
+
+###############################################################################
+# 7. Server and CLI ###########################################################
 ###############################################################################
 
 
@@ -1227,10 +1481,14 @@ class Server:
         self.config = config
         self.hub = Hub(config)
         self.port: int | None = None
+        self.done: asyncio.Event | None = None  # set when --oneshot's room ends
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        """Bind and start accepting; log the address actually bound."""
+        self.done = asyncio.Event()
+        self.hub.on_oneshot_end = self.done.set
         self._server = await asyncio.start_server(
             self.handle_connection, self.config.host, self.config.port, limit=MAX_HEAD_BYTES
         )
@@ -1240,6 +1498,7 @@ class Server:
         log.info("listening on %s:%d", host, self.port)
 
     async def close(self) -> None:
+        """Stop accepting, close every client with 1001, stop every child."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -1291,9 +1550,17 @@ class Server:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {request.method} is not allowed", [("Allow", "GET, HEAD")])
         head_only = request.method == "HEAD"
-        if request.path == "/health":
-            body = b'{"status":"ok"}'
-            headers = [("Content-Type", "application/json")]
+        path = request.path
+        body = None
+        if path == "/health":
+            body, ctype = b'{"status":"ok"}', "application/json"
+        elif path == "/metrics" and self.config.metrics:
+            body, ctype = render_openmetrics(self.hub).encode("utf-8"), OPENMETRICS_TYPE
+        elif (path == "/api" or path.startswith("/api/")) and self.config.api:
+            value = api_response(self.hub, path)
+            body, ctype = json.dumps(value, ensure_ascii=False).encode("utf-8"), "application/json"
+        if body is not None:
+            headers = [("Content-Type", ctype), ("Cache-Control", "no-store")]
             writer.write(render_response(200, headers, b"" if head_only else body, length=len(body)))
             await writer.drain()
             return
@@ -1320,6 +1587,8 @@ class Server:
 
     async def _serve_websocket(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         room_name = room_from_path(request.path)
+        if self.config.rooms is not None and room_name not in self.config.rooms:
+            raise BadRequest(f"room {room_name!r} is not one of --rooms")
         response = handshake_response(request)
         protocol = WebSocketProtocol(self.config.max_size)
         client = Client(self.hub.new_client_id(), request, writer, protocol)
@@ -1330,7 +1599,11 @@ class Server:
             client.close(exc.code, exc.reason)
             await self._read_frames(client, reader, None)
             return
-        writer.write(response)  # before any await: no broadcast can come first
+        # No await between joining and these writes: the 101 and the replayed
+        # cache come before every live message, and none comes twice.
+        writer.write(response)
+        if room.cache:
+            writer.write(b"".join(room.cache))
         try:
             if self.config.joinmsg is not None:
                 text = render_template(self.config.joinmsg, client.id, room_name, request)
@@ -1343,7 +1616,7 @@ class Server:
     async def _read_frames(self, client: Client, reader: asyncio.StreamReader, room: Room | None) -> None:
         """Relay a client's messages to its room's child until the connection closes."""
         protocol = client.protocol
-        config = self.config
+        traffic = self.config.verbose >= 2
         while protocol.state is not State.CLOSED:
             data = await reader.read(READ_CHUNK)
             if not data:
@@ -1352,16 +1625,13 @@ class Server:
             protocol.receive_data(data)
             client.flush()
             for message in protocol.events_received():
-                if room is None:
-                    continue
-                try:
-                    payload = to_child(message, client.id, config)
-                except FramingError as exc:
-                    log.warning("client %d: message dropped: %s", client.id, exc)
-                    continue
-                await room.send_to_child(payload)
-        if protocol.close_code != CloseCode.ABNORMAL:
-            log.debug("client %d: = closed %s %s", client.id, protocol.close_code, protocol.close_reason)
+                if traffic:
+                    log.debug("client %d: < %s %r", client.id, message.opcode.name, message.data[:80],
+                              extra={"client": client.id})
+                if room is not None:
+                    await room.receive(client, message)
+        log.debug("client %d: = closed %s %s", client.id, protocol.close_code, protocol.close_reason,
+                  extra={"client": client.id})
         if room is not None:
             self.hub.leave(client)
         # Half-close and let the peer close its side, so that unread bytes in
@@ -1407,80 +1677,234 @@ def _frame_mode(value: str) -> str:
     return value
 
 
+def _cache(value: str) -> tuple[bool, int]:
+    kind, sep, size = value.rpartition(":")
+    if kind not in ("", "all", "tagged") or (sep and not kind) or not size.isdigit() or int(size) <= 0:
+        raise argparse.ArgumentTypeError(f"expected SIZE, all:SIZE or tagged:SIZE with SIZE > 0, got {value!r}")
+    return kind == "tagged", int(size)
+
+
+def _port_range(value: str) -> tuple[int, int]:
+    start, sep, end = value.partition(":")
+    if not (sep and start.isdigit() and end.isdigit() and 1 <= int(start) <= int(end) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected START:END with 1 <= START <= END <= 65535, got {value!r}")
+    return int(start), int(end)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 3600, got {value!r}")
+    return seconds
+
+
+def _delimiters(value: str) -> bytes:
+    try:
+        chars = codecs.decode(value, "unicode_escape").encode("latin-1")
+    except (UnicodeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected characters, or escapes such as \\n, \\t, \\0, got {value!r}") from None
+    if not chars:
+        raise argparse.ArgumentTypeError("expected at least one character")
+    return chars
+
+
+def _names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
+    return names
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help laid out the same on every terminal and Python version (a golden test pins it)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=88)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        names = ", ".join(action.option_strings)
+        if action.nargs == 0:
+            return names
+        metavar = self._metavar_formatter(action, action.dest.upper())(1)[0]
+        if names in _EQUALS_ONLY:  # the value is glued on with '='
+            return f"{names}[={metavar}]" if _EQUALS_ONLY[names] else f"{names}={metavar}"
+        return f"{names} {metavar}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser (ScaleSocket's options)."""
+    """Return the command-line parser (ScaleSocket's options, and a few more)."""
     parser = _ArgumentParser(
         prog="scalesocket.py",
         usage="%(prog)s [OPTIONS] CMD [-- ARGS...]",
+        formatter_class=_HelpFormatter,
         description="Turn a program that reads stdin and writes stdout into a multi-room "
         "WebSocket server: each client of ws://HOST:PORT/ROOM joins ROOM, whose first "
         "client starts CMD.",
+        epilog="--frame, --clientframe, --serverframe and --delimiters take their value "
+        "only after '=': `--frame cat` is JSON framing around cat.",
     )
-    parser.add_argument("cmd", metavar="CMD", help="program to run for each room (never through a shell)")
-    parser.add_argument("args", metavar="ARGS", nargs="*", help="arguments for CMD, after --")
-    parser.add_argument("--addr", type=_addr, default=("0.0.0.0", 9000), metavar="HOST:PORT",
-                        help="listen address; [::]:PORT for IPv6 (default: 0.0.0.0:9000)")
-    parser.add_argument("-b", "--binary", action="store_true",
-                        help="binary mode: pass raw bytes both ways, one binary message per read")
-    parser.add_argument("--json", action="store_true",
-                        help="same as --frame=json with Join and Leave messages to the child")
-    parser.add_argument("--frame", type=_frame_mode, metavar="[=MODE]",
-                        help="framing both ways: json or gwsocket (a bare --frame means json)")
-    parser.add_argument("--staticdir", metavar="DIR", help="serve files from DIR over HTTP on the same port")
-    parser.add_argument("--maxsize", type=_positive_int, default=DEFAULT_MAX_MESSAGE, metavar="BYTES",
-                        help=f"largest message from a client, in bytes (default: {DEFAULT_MAX_MESSAGE})")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv: traffic)")
-    parser.add_argument("-V", "--version", action="version", version=f"scalesocket.py {__version__}")
+    parser._optionals.title = "options"  # the same title on every Python version
+    add = parser.add_argument
+    add("cmd", metavar="CMD", help="program to run for each room (never through a shell)")
+    add("args", metavar="ARGS", nargs="*", help="arguments for CMD, after --")
+    add("--addr", type=_addr, default=("0.0.0.0", 9000), metavar="HOST:PORT",
+        help="listen address; [::]:PORT for IPv6 (default: 0.0.0.0:9000)")
+    add("-b", "--binary", action="store_true",
+        help="binary mode: raw bytes both ways, one binary message per read")
+    add("--json", action="store_true",
+        help="same as --frame=json with Join and Leave messages to the child")
+    add("--frame", type=_frame_mode, metavar="MODE",
+        help="framing and routing both ways: json or gwsocket (bare: json)")
+    add("--clientframe", type=_frame_mode, metavar="MODE",
+        help="framing of client messages to the child only")
+    add("--serverframe", type=_frame_mode, metavar="MODE",
+        help="framing of child output to the clients only")
+    add("--joinmsg", metavar="MSG",
+        help="line written to the child when a client joins; #ID, #ROOM, #REMOTE_ADDR, "
+        "#QUERY_STRING and #QUERY_<NAME> are filled in")
+    add("--leavemsg", metavar="MSG", help="line written to the child when a client leaves")
+    add("--delimiters", type=_delimiters, metavar="CHARS",
+        help="cut child output at any of these characters; escapes like \\n work (default: \\n)")
+    add("--null", action="store_true", help="cut child output at NUL bytes")
+    add("--cache", type=_cache, metavar="[all|tagged:]SIZE",
+        help="replay the room's last SIZE messages to each new client; tagged: only "
+        'messages with "_cache": true')
+    add("--cachepersist", action="store_true", help="keep a room's cache after the room empties")
+    add("--rooms", type=_names, metavar="LIST", help="comma-separated list of the only rooms accepted")
+    add("--maxrooms", "--maxforks", type=_positive_int, metavar="NUM",
+        help="at most NUM rooms (children) at once; more are closed with 1013")
+    add("--oneshot", action="store_true", help="serve a single room once, exit when it ends")
+    add("--passenv", type=_names, default=list(DEFAULT_PASSENV), metavar="LIST",
+        help="environment variables passed to the child (default: PATH,DYLD_LIBRARY_PATH)")
+    add("--tcp", action="store_true",
+        help="talk to the child over TCP: it gets PORT and listens on 127.0.0.1:PORT")
+    add("--tcpports", type=_port_range, default=(9001, 9999), metavar="START:END",
+        help="ports for --tcp children (default: 9001:9999)")
+    add("--delay", type=_seconds, default=0.0, metavar="SECONDS",
+        help="with --tcp, wait this long before the first connection attempt; attempts "
+        "repeat until the child listens (default: 0)")
+    add("--staticdir", metavar="DIR", help="serve files from DIR over HTTP on the same port")
+    add("--metrics", action="store_true", help="serve OpenMetrics text at /metrics")
+    add("--api", action="store_true", help="serve the JSON room API under /api/")
+    add("--maxsize", type=_positive_int, default=DEFAULT_MAX_MESSAGE, metavar="BYTES",
+        help=f"largest message from a client, in bytes (default: {DEFAULT_MAX_MESSAGE})")
+    add("--log", choices=("text", "json"), default="text", help="log format, to stderr (default: text)")
+    add("-v", "--verbose", action="count", default=0, help="more log detail; -vv logs every message")
+    add("-V", "--version", action="version", version=f"scalesocket.py {__version__}")
     return parser
 
 
-# Options whose value is taken only with '=', as in the original: a bare
-# `--frame` means json and the next word is the command.
-_EQUALS_ONLY = {"--frame": "json"}
+# Options whose value comes only after '=', as in the original: a bare
+# `--frame` means json, and the word after it is the command.
+_EQUALS_ONLY = {"--frame": "json", "--clientframe": "json", "--serverframe": "json", "--delimiters": None}
 
 
 def parse_args(argv: list[str]) -> Config:
     """Turn a command line into a Config; exits with status 2 on a bad one."""
+    parser = build_parser()
     if "--" in argv:
         split = argv.index("--")
         argv, child_args = argv[:split], argv[split + 1 :]
     else:
         child_args = []
-    argv = [f"{arg}={_EQUALS_ONLY[arg]}" if arg in _EQUALS_ONLY else arg for arg in argv]
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    words = []
+    for word in argv:
+        if word in _EQUALS_ONLY:
+            if _EQUALS_ONLY[word] is None:
+                parser.error(f"argument {word}: expected a value after '=', as in {word}=,;")
+            word = f"{word}={_EQUALS_ONLY[word]}"
+        words.append(word)
+    ns = parser.parse_args(words)
+
+    def conflict(first: str, second: str) -> None:
+        parser.error(f"argument {second}: not allowed with argument {first}")
+
     if ns.json and ns.frame:
-        parser.error("argument --frame: not allowed with argument --json")
-    frame = "json" if ns.json else ns.frame
+        conflict("--json", "--frame")
+    for one_way in ("clientframe", "serverframe"):
+        if getattr(ns, one_way) and (ns.json or ns.frame):
+            conflict("--json" if ns.json else "--frame", f"--{one_way}")
+    if ns.null and ns.delimiters:
+        conflict("--delimiters", "--null")
+    if ns.cachepersist and not ns.cache:
+        parser.error("argument --cachepersist: needs --cache")
     if ns.staticdir is not None and not os.path.isdir(ns.staticdir):
         parser.error(f"argument --staticdir: {ns.staticdir!r} is not a directory")
+    frame = "json" if ns.json else ns.frame
     host, port = ns.addr
+    cache_tagged, cache_size = ns.cache or (False, 0)
     return Config(
         cmd=ns.cmd,
         args=ns.args + child_args,
         host=host,
         port=port,
         binary=ns.binary,
-        clientframe=frame,
-        serverframe=frame,
-        joinmsg='{"t":"Join","_from":#ID}' if ns.json else None,
-        leavemsg='{"t":"Leave","_from":#ID}' if ns.json else None,
+        clientframe=ns.clientframe or frame,
+        serverframe=ns.serverframe or frame,
+        joinmsg=ns.joinmsg if ns.joinmsg is not None else '{"t":"Join","_from":#ID}' if ns.json else None,
+        leavemsg=ns.leavemsg if ns.leavemsg is not None else '{"t":"Leave","_from":#ID}' if ns.json else None,
         staticdir=ns.staticdir,
         max_size=ns.maxsize,
+        delimiters=b"\0" if ns.null else ns.delimiters or b"\n",
+        passenv=tuple(ns.passenv),
+        cache_size=cache_size,
+        cache_tagged=cache_tagged,
+        cache_persist=ns.cachepersist,
+        rooms=frozenset(ns.rooms) if ns.rooms else None,
+        max_rooms=ns.maxrooms,
+        oneshot=ns.oneshot,
+        tcp=ns.tcp,
+        tcp_ports=ns.tcpports,
+        delay=ns.delay,
+        metrics=ns.metrics,
+        api=ns.api,
+        log_format=ns.log,
         verbose=ns.verbose,
     )
 
 
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and room and client when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        for key in ("room", "client"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(config: Config) -> None:
+    """Send the 'scalesocket' log to stderr in the configured format and level."""
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if config.verbose else logging.INFO)
+
+
 async def serve(config: Config) -> None:
-    """Run a server until SIGINT or SIGTERM, then close it cleanly."""
+    """Run a server until SIGINT or SIGTERM (or --oneshot's room ends), then close it."""
     server = Server(config)
     await server.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, server.done.set)
     try:
-        await stop.wait()
+        await server.done.wait()
         log.info("shutting down")
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -1491,10 +1915,7 @@ async def serve(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if config.verbose else logging.INFO)
+    setup_logging(config)
     try:
         asyncio.run(serve(config))
     except OSError as exc:

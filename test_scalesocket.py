@@ -798,11 +798,13 @@ def test_split_output():
     assert ss.split_output(b"x" * 25, b"\n", 10) == ([b"x" * 10, b"x" * 10], b"x" * 5)
 
 
-def test_route_json():
-    """Only an integer _to routes a line; anything else is a broadcast."""
-    assert ss.route_json(b'{"_to": 3, "x": 1}') == 3
-    for line in [b'{"_to": "3"}', b'{"_to": true}', b'{"x": 1}', b"[1]", b'{"_to": 3', b"plain"]:
-        assert ss.route_json(line) is None
+def test_from_child_routing_fields():
+    """Only an integer _to routes a line; _meta true is metadata; _cache true is tagged."""
+    assert ss.from_child(b'{"_to": 3, "x": 1}') == ss.Routed(to=3)
+    assert ss.from_child(b'{"_cache": true, "x": 1}') == ss.Routed(cache=True)
+    assert ss.from_child(b'{"_meta": true, "players": 2}') == ss.Routed(meta={"players": 2})
+    for line in [b'{"_to": "3"}', b'{"_to": true}', b'{"x": 1}', b"[1]", b'{"_to": 3', b"plain", b'{"_meta": 1}']:
+        assert ss.from_child(line) == ss.Routed()
 
 
 def test_text_payload_replaces_invalid_utf8():
