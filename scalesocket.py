@@ -962,6 +962,7 @@ class Room:
         self.failure: str | None = None  # why the server stopped the child, if it did
         self.stats = collections.Counter()  # connections, messages and bytes in and out
         self._input: asyncio.StreamWriter | None = None
+        self._output: asyncio.StreamReader | None = None  # until start_output()
         self._killed = False
         self._tasks: list[asyncio.Task] = []
         self._input_lock = asyncio.Lock()
@@ -1009,7 +1010,17 @@ class Room:
                 raise
         else:
             output, self._input = self.proc.stdout, self.proc.stdin
-        self._tasks.append(loop.create_task(self._pump_output(output)))
+        self._output = output
+
+    def start_output(self) -> None:
+        """Start relaying the child's output, once its first client is in the room.
+
+        Not earlier: what the child writes at once (a greeting, a prompt) must
+        reach that client, not an empty room.
+        """
+        if self._output is not None:
+            output, self._output = self._output, None
+            self._tasks.append(asyncio.get_running_loop().create_task(self._pump_output(output)))
 
     async def _connect_tcp(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the child's port as soon as it listens (after --delay)."""
@@ -1019,9 +1030,16 @@ class Room:
         deadline = loop.time() + TCP_CONNECT_TIMEOUT
         while True:
             try:
-                return await asyncio.open_connection("127.0.0.1", self.port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
             except OSError:
                 pass
+            else:
+                sock = writer.get_extra_info("socket")
+                if sock.getsockname() != sock.getpeername():
+                    return reader, writer
+                # Nothing listened yet and the kernel gave us the same port as
+                # our own source port: a TCP self-connection. Not the child.
+                writer.close()
             if self.proc.returncode is not None:
                 raise ProcessSpawnError(f"child exited with code {self.proc.returncode} before listening on port {self.port}")
             if loop.time() > deadline:
@@ -1278,6 +1296,7 @@ class Hub:
             raise RoomUnavailable(room.failure or "the room's child has exited")
         room.clients[client.id] = client
         client.room = room
+        room.start_output()
         room.stats["connections"] += 1
         log.info("client %d joined room %r from %s", client.id, room_name, request.remote_addr,
                  extra={"room": room_name, "client": client.id})
@@ -1500,13 +1519,15 @@ class Server:
     async def close(self) -> None:
         """Stop accepting, close every client with 1001, stop every child."""
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            self._server.close()  # stop accepting
         await self.hub.shutdown()
         if self._connections:
             done, pending = await asyncio.wait(set(self._connections), timeout=CLOSE_TIMEOUT + 1)
             for task in pending:
                 task.cancel()
+        if self._server is not None:
+            # Only now: since Python 3.12 this also waits for every connection.
+            await self._server.wait_closed()
 
     async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one TCP connection: an HTTP request or a WebSocket client.

@@ -1316,6 +1316,463 @@ def test_chat_page_in_two_browser_tabs(serve, chromium):
 
 
 ###############################################################################
+# End to end: every ScaleSocket option ########################################
+###############################################################################
+
+# The original's multiplayer example, in spirit: a game backend that answers a
+# joining player alone (_to) and broadcasts every move to the room.
+GAME = """
+import json, sys
+players = {}
+for line in sys.stdin:
+    event = json.loads(line)
+    t, who = event.get("t"), event["_from"]
+    if t == "Join":
+        players[who] = [150, 150]
+        print(json.dumps({"t": "State", "data": {"players": players}, "_to": who}), flush=True)
+    elif t == "Leave":
+        del players[who]
+        print(json.dumps({"t": "Leave", "data": {"id": who}, "_to": None}), flush=True)
+    elif t == "Input":
+        players[who] = [event["data"]["x"], event["data"]["y"]]
+        print(json.dumps({"t": "State", "data": {"players": players}, "_to": None}), flush=True)
+"""
+
+
+def test_multiplayer_example_with_three_clients(serve):
+    """A JSON game backend: private state on join (_to), broadcast moves, leaves seen by all."""
+    server = serve("--frame=json", "--joinmsg", '{"t":"Join","_from":#ID}',
+                   "--leavemsg", '{"t":"Leave","_from":#ID}', *py_child(GAME))
+    a = server.connect("/game")
+    assert a.recv_json()["data"] == {"players": {"1": [150, 150]}}
+    b = server.connect("/game")
+    assert b.recv_json()["data"] == {"players": {"1": [150, 150], "2": [150, 150]}}
+    c = server.connect("/game")
+    assert c.recv_json()["data"]["players"].keys() == {"1", "2", "3"}
+    b.send_text(json.dumps({"t": "Input", "data": {"x": 10, "y": 20}}))
+    for client in (a, b, c):  # a and b never saw c's private State
+        state = client.recv_json()
+        assert state["t"] == "State" and state["data"]["players"]["2"] == [10, 20]
+    c.close()
+    for client in (a, b):
+        assert client.recv_json() == {"t": "Leave", "data": {"id": 3}, "_to": None}
+    a.close()
+    b.close()
+
+
+def test_clientframe_and_serverframe_one_way_each(serve):
+    """--clientframe=json frames only the way in; --serverframe=json routes only the way out."""
+    server = serve("--clientframe=json", *py_child(ECHO))
+    a = server.connect("/r")
+    a.send_text("not json")  # dropped
+    a.send_text('{"x":1}')
+    assert a.recv_text() == '{"x":1,"_from":1}'
+    a.close()
+    server = serve("--serverframe=json", *py_child(
+        "import sys\nfor line in sys.stdin:\n    print('{\"_to\": 2, \"m\": \"%s\"}' % line.strip(), flush=True)"))
+    a = server.connect("/r")
+    b = server.connect("/r")
+    a.send_text("plain text goes in as is")
+    assert b.recv_json() == {"_to": 2, "m": "plain text goes in as is"}
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "--clientframe=json"],
+        ["--frame=json", "--serverframe=gwsocket"],
+        ["--clientframe=xml"],
+        ["--delimiters"],
+        ["--null", "--delimiters=,"],
+        ["--cache", "0"],
+        ["--cache", "some:8"],
+        ["--cache", "tagged:"],
+        ["--cachepersist"],
+        ["--tcpports", "9000"],
+        ["--tcpports", "0:10"],
+        ["--tcpports", "10:70000"],
+        ["--delay", "-1"],
+        ["--delay", "soon"],
+        ["--maxrooms", "0"],
+        ["--maxforks", "-3"],
+        ["--rooms", ","],
+        ["--log", "xml"],
+    ],
+)
+def test_bad_option_values_exit_2(argv):
+    """Bad values of the ScaleSocket options: one error line naming the option, exit 2."""
+    result = run_cli(*argv, "cat")
+    option = argv[-1].split("=")[0] if argv[-1].startswith("--") else argv[-2]
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalesocket.py: error: argument"), lines
+    assert option.split("=")[0] in lines[0], (option, lines)
+
+
+def test_joinmsg_and_leavemsg_templates(serve):
+    """#ID, #ROOM, #REMOTE_ADDR, #QUERY_STRING, #QUERY_<NAME> fill in; a query cannot inject."""
+    server = serve("--joinmsg", "join #ID #ROOM #REMOTE_ADDR [#QUERY_STRING] #QUERY_NICK #QUERY_MISSING.",
+                   "--leavemsg", "leave #ID #QUERY_NICK", *py_child(ECHO))
+    a = server.connect("/lobby?nick=%23ID%20%22x%22")
+    assert a.recv_text() == 'join 1 lobby 127.0.0.1 [nick=%23ID%20%22x%22] %23ID%20%22x%22 .'
+    b = server.connect("/lobby?nick=bo")
+    assert a.recv_text() == "join 2 lobby 127.0.0.1 [nick=bo] bo ."
+    b.close()
+    assert a.recv_text() == "leave 2 bo"
+    a.close()
+
+
+def test_delimiters_and_null(serve):
+    """--delimiters cuts output at any listed character; --null at NUL bytes."""
+    emit = "import sys\nsys.stdout.write({!r})\nsys.stdout.flush()\nsys.stdin.read()"
+    server = serve("--delimiters=,;", *py_child(emit.format("a,b;c\nd,")))
+    a = server.connect("/r")
+    assert [a.recv_text() for _ in range(3)] == ["a", "b", "c\nd"]
+    a.close()
+    server = serve("--delimiters=\\t", *py_child(emit.format("a\tb\t")))
+    a = server.connect("/r")
+    assert [a.recv_text() for _ in range(2)] == ["a", "b"]
+    a.close()
+    server = serve("--null", *py_child(emit.format("one\0two\nlines\0")))
+    a = server.connect("/r")
+    assert [a.recv_text() for _ in range(2)] == ["one", "two\nlines"]
+    a.close()
+
+
+def test_cache_replays_last_messages_then_live(serve):
+    """--cache N: a newcomer gets the room's last N messages in order, then live ones, none twice."""
+    server = serve("--cache", "3", *py_child(ECHO))
+    a = server.connect("/r")
+    for i in range(5):
+        a.send_text(f"m{i}")
+    assert [a.recv_text() for _ in range(5)] == [f"m{i}" for i in range(5)]
+    b = server.connect("/r")
+    a.send_text("live")
+    assert [b.recv_text() for _ in range(4)] == ["m2", "m3", "m4", "live"]
+    assert a.recv_text() == "live"
+    a.close()
+    b.close()
+
+
+def test_cache_tagged_and_persist(serve):
+    """tagged:N keeps only "_cache": true lines; --cachepersist keeps them after the room empties."""
+    child = "import sys\nfor line in sys.stdin:\n    print(line.strip(), flush=True)"
+    server = serve("--serverframe=json", "--cache", "tagged:2", "--cachepersist", *py_child(child))
+    a = server.connect("/r")
+    for line in ['{"n":1,"_cache":true}', '{"n":2}', '{"n":3,"_cache":true}', '{"n":4,"_cache":true}']:
+        a.send_text(line)
+        a.recv_text()
+    a.close()
+    wait_until(lambda: server.call(lambda: "r" not in server.server.hub.rooms), what="room to end")
+    b = server.connect("/r")  # a new child, the old cache
+    assert [b.recv_json()["n"] for _ in range(2)] == [3, 4]
+    b.send_text('{"n":5}')
+    assert b.recv_json() == {"n": 5}
+    b.close()
+
+
+def test_meta_lines_become_metadata_not_messages(serve):
+    """A "_meta": true line is kept as room metadata (see the API) and sent to nobody."""
+    child = 'import sys\nprint(\'{"_meta": true, "map": "dust"}\', flush=True)\nprint("hello", flush=True)\nsys.stdin.read()'
+    server = serve("--serverframe=json", "--api", *py_child(child))
+    a = server.connect("/arena")
+    assert a.recv_text() == "hello"
+    assert json.loads(http_request(server.port, "/api/arena/metadata")[2]) == {"map": "dust"}
+    a.close()
+
+
+def test_rooms_allowlist(serve):
+    """--rooms: listed rooms work, others get 400 before the upgrade."""
+    server = serve("--rooms", "red,blue", *py_child(ECHO))
+    server.connect("/blue").close()
+    with pytest.raises(HandshakeFailed) as exc:
+        server.connect("/green")
+    assert exc.value.status == 400 and b"--rooms" in exc.value.body
+
+
+def test_maxrooms_closes_extra_rooms_1013(serve):
+    """--maxrooms 1: a second room is closed with 1013 and a reason; later it fits again."""
+    server = serve("--maxrooms", "1", *py_child(ECHO))
+    a = server.connect("/one")
+    a2 = server.connect("/one")  # same room: fine
+    b = server.connect("/two")
+    code, reason = b.recv_close()
+    assert code == 1013 and "too many rooms" in reason
+    a.close()
+    a2.close()
+    wait_until(lambda: server.call(lambda: not server.server.hub.rooms), what="room one to end")
+    c = server.connect("/two")
+    c.send_text("now")
+    assert c.recv_text() == "now"
+    c.close()
+
+
+def test_oneshot_serves_one_room_then_exits():
+    """--oneshot: other rooms are refused with 1013; the server exits 0 when the room ends."""
+    server = CLIServer("--oneshot", *py_child(ECHO))
+    try:
+        a = ws_connect("127.0.0.1", server.port, "/only")
+        b = ws_connect("127.0.0.1", server.port, "/other")
+        assert b.recv_close()[0] == 1013
+        a.send_text("hi")
+        assert a.recv_text() == "hi"
+        a.close()
+        assert server.proc.wait(IO_TIMEOUT) == 0
+    finally:
+        server.stop()
+
+
+def test_passenv(serve, monkeypatch):
+    """--passenv passes exactly the named variables (plus ROOM, QUERY_STRING, REMOTE_ADDR)."""
+    monkeypatch.setenv("GAME_MODE", "hard")
+    monkeypatch.setenv("SECRET_TOKEN", "nope")
+    server = serve("--passenv", "GAME_MODE,PATH", *py_child("import json, os\nprint(json.dumps(dict(os.environ)), flush=True)\nimport sys\nsys.stdin.read()"))
+    a = server.connect("/r")
+    env = a.recv_json()
+    assert env["GAME_MODE"] == "hard" and "SECRET_TOKEN" not in env
+    assert set(env) - {"LC_CTYPE"} == {"GAME_MODE", "PATH", "ROOM", "QUERY_STRING", "REMOTE_ADDR"}
+    a.close()
+
+
+TCP_ECHO = """
+import os, socket
+server = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+conn, _ = server.accept()
+conn.sendall(("port %s\\n" % os.environ["PORT"]).encode())
+while True:
+    data = conn.recv(65536)
+    if not data:
+        break
+    conn.sendall(data)
+"""
+
+
+def _free_port_range(n: int) -> tuple[int, int]:
+    """A run of n ports below the ephemeral range that nothing listens on right now."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for start in range(low - 1000 - n, 1024, -n):
+        try:
+            for port in range(start, start + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return start, start + n - 1
+    raise AssertionError("no free port range")
+
+
+def test_tcp_mode(serve):
+    """--tcp: the child gets PORT, the server connects once it listens, ports are reused."""
+    start, end = _free_port_range(1)
+    server = serve("--tcp", f"--tcpports={start}:{end}", *py_child(TCP_ECHO))
+    a = server.connect("/r")
+    assert a.recv_text() == f"port {start}"
+    a.send_text("over tcp")
+    assert a.recv_text() == "over tcp"
+    b = server.connect("/other")  # the only port is taken
+    code, reason = b.recv_close()
+    assert code == 1013 and f"no free TCP port in {start}:{end}" == reason
+    a.close()
+    wait_until(lambda: server.call(lambda: not server.server.hub.rooms and server.server.hub.ports._free), what="port back")
+    c = server.connect("/other")
+    assert c.recv_text() == f"port {start}"
+    c.close()
+
+
+def test_tcp_child_that_never_listens(serve):
+    """--tcp with a child that exits before listening: a close 1011 that says so."""
+    start, end = _free_port_range(1)
+    server = serve("--tcp", "--tcpports", f"{start}:{end}", "--delay", "0.1", *py_child("import sys\nsys.exit(4)"))
+    a = server.connect("/r")
+    code, reason = a.recv_close()
+    assert code == 1011 and "exited with code 4 before listening" in reason
+    assert server.call(lambda: list(server.server.hub.ports._free)) == [start]
+
+
+def test_metrics_endpoint(serve):
+    """--metrics serves OpenMetrics with per-room connection series and # EOF last."""
+    server = serve("--metrics", *py_child(ECHO))
+    a = server.connect('/r"1')
+    b = server.connect('/r"1')
+    a.send_text("x")
+    a.recv_text()
+    b.recv_text()
+    b.close()
+    wait_until(lambda: server.call(lambda: len(server.server.hub.rooms['r"1'].clients)) == 1, what="b to leave")
+    status, headers, body = http_request(server.port, "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"] == ss.OPENMETRICS_TYPE
+    assert 'scalesocket_websocket_connections_total{room="r\\"1"} 2\n' in text
+    assert 'scalesocket_websocket_connections_open{room="r\\"1"} 1\n' in text
+    assert 'scalesocket_messages_received_total{room="r\\"1"} 1\n' in text
+    assert 'scalesocket_messages_sent_total{room="r\\"1"} 2\n' in text
+    assert text.endswith("# EOF\n")
+    a.close()
+    assert http_request(server.port, "/metrics")[0] == 200
+    assert http_request(serve("cat").port, "/metrics")[0] == 404  # off by default
+
+
+METRICS_GOLDEN = """\
+# TYPE scalesocket_websocket_connections counter
+# HELP scalesocket_websocket_connections WebSocket connections made to the room.
+scalesocket_websocket_connections_total{room="a\\\\b"} 3
+scalesocket_websocket_connections_total{room="lobby"} 1
+# TYPE scalesocket_websocket_connections_open gauge
+# HELP scalesocket_websocket_connections_open WebSocket connections open in the room.
+scalesocket_websocket_connections_open{room="a\\\\b"} 2
+scalesocket_websocket_connections_open{room="lobby"} 0
+# TYPE scalesocket_messages_received counter
+# HELP scalesocket_messages_received Messages received from the room's clients.
+scalesocket_messages_received_total{room="a\\\\b"} 5
+scalesocket_messages_received_total{room="lobby"} 0
+# TYPE scalesocket_received_bytes counter
+# HELP scalesocket_received_bytes Payload bytes received from the room's clients.
+scalesocket_received_bytes_total{room="a\\\\b"} 50
+scalesocket_received_bytes_total{room="lobby"} 0
+# TYPE scalesocket_messages_sent counter
+# HELP scalesocket_messages_sent Messages sent to the room's clients, one per client.
+scalesocket_messages_sent_total{room="a\\\\b"} 0
+scalesocket_messages_sent_total{room="lobby"} 0
+# TYPE scalesocket_sent_bytes counter
+# HELP scalesocket_sent_bytes Bytes sent to the room's clients, frame headers included.
+scalesocket_sent_bytes_total{room="a\\\\b"} 0
+scalesocket_sent_bytes_total{room="lobby"} 0
+# TYPE scalesocket_rooms_open gauge
+# HELP scalesocket_rooms_open Rooms open, each with one child.
+scalesocket_rooms_open 2
+# TYPE scalesocket_connections counter
+# HELP scalesocket_connections WebSocket connections made to any room.
+scalesocket_connections_total 11
+# TYPE scalesocket_children_started counter
+# HELP scalesocket_children_started Child processes started.
+scalesocket_children_started_total 4
+# TYPE scalesocket_children_stopped counter
+# HELP scalesocket_children_stopped Child processes stopped and reaped.
+scalesocket_children_stopped_total 2
+# EOF
+"""
+
+
+def test_metrics_text_golden():
+    """The OpenMetrics text is pinned: names, TYPE/HELP, escaping, order, # EOF."""
+
+    async def render():
+        hub = ss.Hub(ss.Config())
+        for name, clients, stats in [("lobby", 0, {"connections": 1}), ("a\\b", 2, {"connections": 3, "messages_in": 5, "bytes_in": 50})]:
+            room = ss.Room(hub, name)
+            room.clients = dict.fromkeys(range(clients))
+            room.stats.update(stats)
+            hub.rooms[name] = room
+        hub.totals.update({"connections": 7, "children_started": 4, "children_stopped": 2})
+        return ss.render_openmetrics(hub)
+
+    assert asyncio.run(render()) == METRICS_GOLDEN
+
+
+def test_api_routes(serve):
+    """--api: /api/rooms, /api/ROOM/, /api/ROOM/connections, /api/ROOM/metadata; 404 otherwise."""
+    server = serve("--api", *py_child(ECHO))
+    assert json.loads(http_request(server.port, "/api/rooms")[2]) == []
+    clients = [server.connect("/lobby"), server.connect("/lobby"), server.connect("/den")]
+    rooms = json.loads(http_request(server.port, "/api/rooms")[2])
+    assert rooms == [{"name": "den", "connections": 1, "metadata": None},
+                     {"name": "lobby", "connections": 2, "metadata": None}]
+    assert json.loads(http_request(server.port, "/api/lobby/")[2]) == {"name": "lobby", "connections": 2, "metadata": None}
+    assert json.loads(http_request(server.port, "/api/lobby/connections")[2]) == 2
+    assert json.loads(http_request(server.port, "/api/lobby/metadata")[2]) is None
+    assert http_request(server.port, "/api/nowhere/")[0] == 404
+    assert http_request(server.port, "/api/lobby/nothing")[0] == 404
+    assert http_request(serve("cat").port, "/api/rooms")[0] == 404  # off by default
+    for client in clients:
+        client.close()
+
+
+def test_log_json_and_verbosity():
+    """--log json writes one JSON object per line with level, message, room and client; -vv logs traffic."""
+    server = CLIServer("--log", "json", "-vv", *py_child(ECHO))
+    try:
+        a = ws_connect("127.0.0.1", server.port, "/lobby")
+        a.send_text("traffic!")
+        assert a.recv_text() == "traffic!"
+        a.close()
+    finally:
+        server.stop()
+    entries = [json.loads(line) for line in server.lines]
+    assert entries[0]["level"] == "info" and entries[0]["message"].startswith("listening on 127.0.0.1:")
+    joined = next(e for e in entries if "joined" in e["message"])
+    assert (joined["room"], joined["client"]) == ("lobby", 1)
+    assert any(e["level"] == "debug" and "< TEXT b'traffic!'" in e["message"] for e in entries)
+
+
+HELP_GOLDEN = """\
+usage: scalesocket.py [OPTIONS] CMD [-- ARGS...]
+
+Turn a program that reads stdin and writes stdout into a multi-room WebSocket server:
+each client of ws://HOST:PORT/ROOM joins ROOM, whose first client starts CMD.
+
+positional arguments:
+  CMD                         program to run for each room (never through a shell)
+  ARGS                        arguments for CMD, after --
+
+options:
+  -h, --help                  show this help message and exit
+  --addr HOST:PORT            listen address; [::]:PORT for IPv6 (default: 0.0.0.0:9000)
+  -b, --binary                binary mode: raw bytes both ways, one binary message per
+                              read
+  --json                      same as --frame=json with Join and Leave messages to the
+                              child
+  --frame[=MODE]              framing and routing both ways: json or gwsocket (bare:
+                              json)
+  --clientframe[=MODE]        framing of client messages to the child only
+  --serverframe[=MODE]        framing of child output to the clients only
+  --joinmsg MSG               line written to the child when a client joins; #ID, #ROOM,
+                              #REMOTE_ADDR, #QUERY_STRING and #QUERY_<NAME> are filled
+                              in
+  --leavemsg MSG              line written to the child when a client leaves
+  --delimiters=CHARS          cut child output at any of these characters; escapes like
+                              \\n work (default: \\n)
+  --null                      cut child output at NUL bytes
+  --cache [all|tagged:]SIZE   replay the room's last SIZE messages to each new client;
+                              tagged: only messages with "_cache": true
+  --cachepersist              keep a room's cache after the room empties
+  --rooms LIST                comma-separated list of the only rooms accepted
+  --maxrooms, --maxforks NUM  at most NUM rooms (children) at once; more are closed with
+                              1013
+  --oneshot                   serve a single room once, exit when it ends
+  --passenv LIST              environment variables passed to the child (default:
+                              PATH,DYLD_LIBRARY_PATH)
+  --tcp                       talk to the child over TCP: it gets PORT and listens on
+                              127.0.0.1:PORT
+  --tcpports START:END        ports for --tcp children (default: 9001:9999)
+  --delay SECONDS             with --tcp, wait this long before the first connection
+                              attempt; attempts repeat until the child listens (default:
+                              0)
+  --staticdir DIR             serve files from DIR over HTTP on the same port
+  --metrics                   serve OpenMetrics text at /metrics
+  --api                       serve the JSON room API under /api/
+  --maxsize BYTES             largest message from a client, in bytes (default:
+                              16777216)
+  --log {text,json}           log format, to stderr (default: text)
+  -v, --verbose               more log detail; -vv logs every message
+  -V, --version               show program's version number and exit
+
+--frame, --clientframe, --serverframe and --delimiters take their value only after '=':
+`--frame cat` is JSON framing around cat.
+"""
+
+
+def test_help_is_pinned():
+    """--help matches the golden text, as ScaleSocket's trycmd test does (change both together)."""
+    assert run_cli("--help").stdout == HELP_GOLDEN
+
+
+###############################################################################
 # Command line and shutdown ###################################################
 ###############################################################################
 
