@@ -21,6 +21,7 @@ import base64
 import binascii
 import codecs
 import collections
+import email.utils
 import enum
 import hashlib
 import http
@@ -30,6 +31,7 @@ import mimetypes
 import os
 import re
 import signal
+import ssl
 import struct
 import sys
 import urllib.parse
@@ -62,9 +64,12 @@ log = logging.getLogger("scalesocket")
 ###############################################################################
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-MAX_HEAD_BYTES = 16 * 1024  # request line plus headers
-DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
-HANDSHAKE_TIMEOUT = 10.0  # seconds for a client to send its whole request head
+DEFAULT_MAX_HEAD = 16 * 1024  # --maxhead: request line plus headers, in bytes
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024  # --maxsize
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # --handshaketimeout: seconds to send a whole request head
+DEFAULT_MAX_CLIENTS = 10000  # --maxclients: WebSocket clients at once
+DEFAULT_MAX_BACKLOG = 8 * 1024 * 1024  # --maxbacklog: bytes a client may leave unread
+DEFAULT_PING = 20.0  # --ping: seconds between keepalive pings
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's side of a closing handshake
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child
 TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
@@ -132,6 +137,10 @@ class NotFound(HTTPError):
     status = 404
 
 
+class Forbidden(HTTPError):
+    status = 403
+
+
 class MethodNotAllowed(HTTPError):
     status = 405
 
@@ -142,6 +151,10 @@ class UpgradeRequired(HTTPError):
 
 class HeadersTooLarge(HTTPError):
     status = 431
+
+
+class ServiceUnavailable(HTTPError):
+    status = 503
 
 
 class ProtocolError(ScaleSocketError):
@@ -623,7 +636,8 @@ def render_response(status: int, headers: list[tuple[str, str]] = (), body: byte
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
     lines += [f"{name}: {value}" for name, value in headers]
     if status != 101:
-        lines.append(f"Content-Length: {len(body) if length is None else length}")
+        if status != 304:
+            lines.append(f"Content-Length: {len(body) if length is None else length}")
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -669,6 +683,29 @@ def handshake_response(request: Request) -> bytes:
         ("Sec-WebSocket-Accept", accept_key(key)),
     ]
     return render_response(101, headers)
+
+
+def check_origin(request: Request, origins: frozenset[str] | None, same_origin: bool) -> None:
+    """Refuse a browser's cross-site WebSocket (CSWSH) unless its Origin is allowed.
+
+    A request without Origin does not come from a browser page and passes;
+    ``origins`` entries are full origins (``https://example.com``) or hosts
+    with an optional port (``example.com:8443``).
+
+    Raises:
+        Forbidden: the Origin is not the page's own host (--sameorigin) or
+            not in ``origins``.
+    """
+    origin = request.headers.get("origin")
+    if origin is None or (origins is None and not same_origin):
+        return
+    origin = origin.lower()
+    host = urllib.parse.urlsplit(origin).netloc
+    if same_origin and host == request.headers.get("host", "").lower():
+        return
+    if origins is not None and (origin in origins or host in origins):
+        return
+    raise Forbidden(f"origin {origin!r} is not allowed")
 
 
 def room_from_path(path: str) -> str:
@@ -717,6 +754,19 @@ def resolve_static(root: str, url_path: str) -> str | None:
     return full if os.path.isfile(full) else None
 
 
+def not_modified_since(header: str | None, mtime: int) -> bool:
+    """Tell whether an If-Modified-Since header makes a file's answer 304."""
+    if not header:
+        return False
+    try:
+        since = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError, IndexError):
+        return False  # RFC 9110 §13.1.3: an invalid date is ignored
+    if since is None or since.tzinfo is None:
+        return False
+    return mtime <= since.timestamp()
+
+
 def guess_type(path: str) -> str:
     """Return the Content-Type for a file name; text types say UTF-8."""
     ctype, _ = mimetypes.guess_type(path)
@@ -762,6 +812,15 @@ class Config:
     api: bool = False
     log_format: str = "text"
     verbose: int = 0
+    max_head: int = DEFAULT_MAX_HEAD
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_backlog: int = DEFAULT_MAX_BACKLOG
+    ping: float = DEFAULT_PING  # 0: no keepalive pings
+    origins: frozenset[str] | None = None  # --origins: allowed Origin values (or hosts)
+    same_origin: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def child_env(config: Config, room: str, request: Request) -> dict[str, str]:
@@ -1368,37 +1427,51 @@ class Client:
     """One WebSocket client: its protocol state and the transport it writes to.
 
     Writes go straight to the transport, in order, so a broadcast frame is
-    encoded once and the same bytes are written to every client.
+    encoded once and the same bytes are written to every client. A client
+    receives every message of its room in order, or, once it has left more
+    than ``max_backlog`` bytes unread, a close frame (1008) saying that it fell
+    behind: never a silent gap.
     """
 
-    def __init__(self, conn_id: int, request: Request, writer: asyncio.StreamWriter, protocol: WebSocketProtocol) -> None:
+    def __init__(self, conn_id: int, request: Request, writer: asyncio.StreamWriter,
+                 protocol: WebSocketProtocol, max_backlog: int = DEFAULT_MAX_BACKLOG) -> None:
         self.id = conn_id
         self.request = request
         self.writer = writer
+        self.transport = writer.transport
         self.protocol = protocol
         self.room: Room | None = None
+        self.max_backlog = max_backlog
+        self.last_seen = asyncio.get_running_loop().time()  # when the peer last sent anything
         self._abort_timer: asyncio.TimerHandle | None = None
 
     def send(self, data: bytes) -> None:
         """Write encoded frames, unless the closing handshake has begun."""
-        if self.protocol.state is State.OPEN:
-            self.writer.write(data)
+        if self.protocol.state is not State.OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self.max_backlog:
+            self.close(CloseCode.POLICY_VIOLATION, f"client fell behind: over {self.max_backlog} bytes unread")
+            return
+        self.transport.write(data)
 
     def flush(self) -> None:
         """Write what the protocol has queued (pongs, close frames)."""
         data = self.protocol.data_to_send()
-        if data and not self.writer.is_closing():
-            self.writer.write(data)
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def ping(self) -> None:
+        self.protocol.send_ping()
+        self.flush()
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; drop the connection if the peer does not answer in time."""
         if self.protocol.state is not State.OPEN:
             return
-        log.debug("client %d: > close %d %s", self.id, code, reason)
+        log.info("client %d: closing with %d: %s", self.id, code, reason, extra={"client": self.id})
         self.protocol.send_close(code, reason)
         self.flush()
-        transport = self.writer.transport
-        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 
     def cancel_timer(self) -> None:
         if self._abort_timer is not None:
@@ -1488,6 +1561,18 @@ def api_response(hub: Hub, path: str):
 ###############################################################################
 
 
+def tls_context(config: Config) -> ssl.SSLContext:
+    """Return the TLS context for --tlscert/--tlskey.
+
+    Raises:
+        OSError: a file cannot be read.
+        ssl.SSLError: the certificate or key is not usable.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
 class Server:
     """The HTTP/WebSocket listener and its rooms; embeddable in a running loop.
 
@@ -1501,26 +1586,55 @@ class Server:
         self.hub = Hub(config)
         self.port: int | None = None
         self.done: asyncio.Event | None = None  # set when --oneshot's room ends
+        self.clients: set[Client] = set()  # every open WebSocket client, in a room or not
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
+        self._keepalive: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Bind and start accepting; log the address actually bound."""
         self.done = asyncio.Event()
         self.hub.on_oneshot_end = self.done.set
+        config = self.config
+        tls = tls_context(config) if config.tls_cert else None
         self._server = await asyncio.start_server(
-            self.handle_connection, self.config.host, self.config.port, limit=MAX_HEAD_BYTES
+            self.handle_connection, config.host, config.port, limit=config.max_head,
+            ssl=tls, ssl_handshake_timeout=config.handshake_timeout if tls else None,
         )
         sockname = self._server.sockets[0].getsockname()
         self.port = sockname[1]
         host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-        log.info("listening on %s:%d", host, self.port)
+        log.info("listening on %s:%d%s", host, self.port, " (TLS)" if tls else "")
+        if config.ping > 0:
+            self._keepalive = asyncio.get_running_loop().create_task(self._ping_clients())
+
+    async def _ping_clients(self) -> None:
+        """Ping clients that have been quiet; close those quiet for two intervals.
+
+        One task for the whole server, not one timer per client. A dead TCP
+        connection must not keep a room and its child alive forever.
+        """
+        interval = self.config.ping
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for client in list(self.clients):
+                quiet = now - client.last_seen
+                if quiet >= 2 * interval:
+                    client.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                elif quiet >= interval * 0.9:
+                    client.ping()
 
     async def close(self) -> None:
         """Stop accepting, close every client with 1001, stop every child."""
         if self._server is not None:
             self._server.close()  # stop accepting
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         await self.hub.shutdown()
+        for client in list(self.clients):  # clients outside any room (being refused)
+            client.close(CloseCode.GOING_AWAY, "server shutting down")
         if self._connections:
             done, pending = await asyncio.wait(set(self._connections), timeout=CLOSE_TIMEOUT + 1)
             for task in pending:
@@ -1548,12 +1662,13 @@ class Server:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            timeout = self.config.handshake_timeout
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANDSHAKE_TIMEOUT)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
             except asyncio.LimitOverrunError:
-                raise HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes") from None
+                raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes") from None
             except asyncio.TimeoutError:
-                log.debug("! request head not received in %s s", HANDSHAKE_TIMEOUT)
+                log.debug("! request head not received in %s s, dropping the connection", timeout)
                 return
             request = parse_request(head)
             peer = writer.get_extra_info("peername")
@@ -1588,15 +1703,20 @@ class Server:
         path = resolve_static(self.config.staticdir, request.path) if self.config.staticdir else None
         if path is None:
             raise NotFound("no such file")
-        await self._send_file(path, head_only, writer)
+        await self._send_file(path, request, writer)
 
-    async def _send_file(self, path: str, head_only: bool, writer: asyncio.StreamWriter) -> None:
+    async def _send_file(self, path: str, request: Request, writer: asyncio.StreamWriter) -> None:
         """Stream a file in chunks, so memory does not grow with its size."""
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            headers = [("Content-Type", guess_type(path))]
+            stat = os.fstat(f.fileno())
+            size, mtime = stat.st_size, int(stat.st_mtime)
+            if not_modified_since(request.headers.get("if-modified-since"), mtime):
+                writer.write(render_response(304, [("Last-Modified", email.utils.formatdate(mtime, usegmt=True))]))
+                await writer.drain()
+                return
+            headers = [("Content-Type", guess_type(path)), ("Last-Modified", email.utils.formatdate(mtime, usegmt=True))]
             writer.write(render_response(200, headers, length=size))
-            remaining = 0 if head_only else size
+            remaining = 0 if request.method == "HEAD" else size
             while remaining > 0:
                 chunk = f.read(min(FILE_CHUNK, remaining))
                 if not chunk:
@@ -1610,9 +1730,23 @@ class Server:
         room_name = room_from_path(request.path)
         if self.config.rooms is not None and room_name not in self.config.rooms:
             raise BadRequest(f"room {room_name!r} is not one of --rooms")
+        check_origin(request, self.config.origins, self.config.same_origin)
         response = handshake_response(request)
+        if len(self.clients) >= self.config.max_clients:
+            raise ServiceUnavailable(f"too many clients (at most {self.config.max_clients})", [("Retry-After", "5")])
         protocol = WebSocketProtocol(self.config.max_size)
-        client = Client(self.hub.new_client_id(), request, writer, protocol)
+        client = Client(self.hub.new_client_id(), request, writer, protocol, self.config.max_backlog)
+        self.clients.add(client)
+        try:
+            await self._serve_client(client, room_name, request, response, reader)
+        finally:
+            self.clients.discard(client)
+            self.hub.leave(client)
+            client.cancel_timer()
+
+    async def _serve_client(self, client: Client, room_name: str, request: Request, response: bytes,
+                            reader: asyncio.StreamReader) -> None:
+        writer = client.writer
         try:
             room = await self.hub.join(client, room_name, request)
         except RoomUnavailable as exc:
@@ -1625,24 +1759,22 @@ class Server:
         writer.write(response)
         if room.cache:
             writer.write(b"".join(room.cache))
-        try:
-            if self.config.joinmsg is not None:
-                text = render_template(self.config.joinmsg, client.id, room_name, request)
-                await room.send_to_child(line_to_child(text, client.id, self.config))
-            await self._read_frames(client, reader, room)
-        finally:
-            self.hub.leave(client)
-            client.cancel_timer()
+        if self.config.joinmsg is not None:
+            text = render_template(self.config.joinmsg, client.id, room_name, request)
+            await room.send_to_child(line_to_child(text, client.id, self.config))
+        await self._read_frames(client, reader, room)
 
     async def _read_frames(self, client: Client, reader: asyncio.StreamReader, room: Room | None) -> None:
         """Relay a client's messages to its room's child until the connection closes."""
         protocol = client.protocol
         traffic = self.config.verbose >= 2
+        clock = asyncio.get_running_loop().time
         while protocol.state is not State.CLOSED:
             data = await reader.read(READ_CHUNK)
             if not data:
                 protocol.receive_eof()
                 break
+            client.last_seen = clock()
             protocol.receive_data(data)
             client.flush()
             for message in protocol.events_received():
@@ -1814,6 +1946,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api", action="store_true", help="serve the JSON room API under /api/")
     add("--maxsize", type=_positive_int, default=DEFAULT_MAX_MESSAGE, metavar="BYTES",
         help=f"largest message from a client, in bytes (default: {DEFAULT_MAX_MESSAGE})")
+    add("--maxhead", type=_positive_int, default=DEFAULT_MAX_HEAD, metavar="BYTES",
+        help=f"largest HTTP request head; larger ones get 431 (default: {DEFAULT_MAX_HEAD})")
+    add("--handshaketimeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+        help=f"drop a connection that has not sent its request head (and TLS handshake) by then "
+        f"(default: {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    add("--maxclients", type=_positive_int, default=DEFAULT_MAX_CLIENTS, metavar="NUM",
+        help=f"at most NUM WebSocket clients at once; more get 503 (default: {DEFAULT_MAX_CLIENTS})")
+    add("--maxbacklog", type=_positive_int, default=DEFAULT_MAX_BACKLOG, metavar="BYTES",
+        help=f"close a client (1008) that leaves more than this unread (default: {DEFAULT_MAX_BACKLOG})")
+    add("--ping", type=_seconds, default=DEFAULT_PING, metavar="SECONDS",
+        help=f"ping quiet clients this often and close those silent for twice as long; 0: off "
+        f"(default: {DEFAULT_PING:g})")
+    add("--origins", type=_names, metavar="LIST",
+        help="allowed Origin values (https://host[:port] or host[:port]); others get 403")
+    add("--sameorigin", action="store_true", help="allow a browser Origin only if it matches the Host header")
+    add("--tlscert", metavar="FILE", help="serve wss:// and https:// with this certificate chain (PEM)")
+    add("--tlskey", metavar="FILE", help="the private key for --tlscert (PEM)")
     add("--log", choices=("text", "json"), default="text", help="log format, to stderr (default: text)")
     add("-v", "--verbose", action="count", default=0, help="more log detail; -vv logs every message")
     add("-V", "--version", action="version", version=f"scalesocket.py {__version__}")
@@ -1856,10 +2005,12 @@ def parse_args(argv: list[str]) -> Config:
         parser.error("argument --cachepersist: needs --cache")
     if ns.staticdir is not None and not os.path.isdir(ns.staticdir):
         parser.error(f"argument --staticdir: {ns.staticdir!r} is not a directory")
+    if bool(ns.tlscert) != bool(ns.tlskey):
+        parser.error("argument --tlscert: --tlscert and --tlskey go together")
     frame = "json" if ns.json else ns.frame
     host, port = ns.addr
     cache_tagged, cache_size = ns.cache or (False, 0)
-    return Config(
+    config = Config(
         cmd=ns.cmd,
         args=ns.args + child_args,
         host=host,
@@ -1886,7 +2037,22 @@ def parse_args(argv: list[str]) -> Config:
         api=ns.api,
         log_format=ns.log,
         verbose=ns.verbose,
+        max_head=ns.maxhead,
+        handshake_timeout=ns.handshaketimeout,
+        max_clients=ns.maxclients,
+        max_backlog=ns.maxbacklog,
+        ping=ns.ping,
+        origins=frozenset(origin.lower() for origin in ns.origins) if ns.origins else None,
+        same_origin=ns.sameorigin,
+        tls_cert=ns.tlscert,
+        tls_key=ns.tlskey,
     )
+    if config.tls_cert:
+        try:
+            tls_context(config)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"argument --tlscert: cannot use {config.tls_cert} and {config.tls_key}: {exc}")
+    return config
 
 
 class JSONFormatter(logging.Formatter):

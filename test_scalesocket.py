@@ -1166,7 +1166,7 @@ def test_static_traversal_is_404(serve, static_root, target):
         (b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404),
         (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
         (b"garbage\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nX: " + b"a" * (ss.MAX_HEAD_BYTES + 10) + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * (ss.DEFAULT_MAX_HEAD + 10) + b"\r\n\r\n", 431),
         (UPGRADE.replace("/chat?x=1", "/api").encode(), 400),
         (UPGRADE.replace("/chat?x=1", "/a/b").encode(), 404),
         (UPGRADE.replace("Version: 13", "Version: 12").encode(), 426),
@@ -1758,6 +1758,22 @@ options:
   --api                       serve the JSON room API under /api/
   --maxsize BYTES             largest message from a client, in bytes (default:
                               16777216)
+  --maxhead BYTES             largest HTTP request head; larger ones get 431 (default:
+                              16384)
+  --handshaketimeout SECONDS  drop a connection that has not sent its request head (and
+                              TLS handshake) by then (default: 10)
+  --maxclients NUM            at most NUM WebSocket clients at once; more get 503
+                              (default: 10000)
+  --maxbacklog BYTES          close a client (1008) that leaves more than this unread
+                              (default: 8388608)
+  --ping SECONDS              ping quiet clients this often and close those silent for
+                              twice as long; 0: off (default: 20)
+  --origins LIST              allowed Origin values (https://host[:port] or
+                              host[:port]); others get 403
+  --sameorigin                allow a browser Origin only if it matches the Host header
+  --tlscert FILE              serve wss:// and https:// with this certificate chain
+                              (PEM)
+  --tlskey FILE               the private key for --tlscert (PEM)
   --log {text,json}           log format, to stderr (default: text)
   -v, --verbose               more log detail; -vv logs every message
   -V, --version               show program's version number and exit
