@@ -73,6 +73,7 @@ DEFAULT_PING = 20.0  # --ping: seconds between keepalive pings
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's side of a closing handshake
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child
 TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
+CHILD_HIGH_WATER = 64 * 1024  # bytes queued for a child before its clients wait
 READ_CHUNK = 256 * 1024
 FILE_CHUNK = 64 * 1024
 DEFAULT_PASSENV = ("PATH", "DYLD_LIBRARY_PATH")
@@ -348,18 +349,21 @@ class FrameParser:
             del buf[:pos]
         return frames
 
-    def partial_payload(self, start: int) -> tuple[int, bytes] | None:
-        """Return the opcode and the payload bytes from ``start`` on of a frame
-        that is still arriving (unmasked), or None if no frame is half-received.
+    @property
+    def partial_opcode(self) -> int | None:
+        """The opcode of a frame whose payload is still arriving, or None."""
+        return None if self._partial is None else self._partial[0]
+
+    def partial_payload(self, start: int) -> bytes:
+        """Return the payload received so far of the frame still arriving,
+        from ``start`` on, unmasked.
         """
-        if self._partial is None:
-            return None
-        opcode, head, mask = self._partial
+        _, head, mask = self._partial
         data = bytes(self._buf[head + start :])
         if mask:
             shift = start % 4
             data = apply_mask(data, mask[shift:] + mask[:shift])
-        return opcode, data
+        return data
 
 
 class State(enum.Enum):
@@ -396,6 +400,7 @@ class WebSocketProtocol:
         self.client = client
         self.close_code: int | None = None  # from the peer's close frame
         self.close_reason = ""
+        self.failed = False  # closed by fail(): the peer's unread bytes may still come
         self._events: list[Message] = []
         self._out: list[bytes] = []
         self._frag_opcode: Opcode | None = None
@@ -427,13 +432,13 @@ class WebSocketProtocol:
 
     def _check_partial_text(self) -> None:
         """Fail fast on bad UTF-8 in a text frame before all of it has arrived."""
-        partial = self.parser.partial_payload(self._partial_checked)
-        if partial is None:
-            return
-        opcode, data = partial
+        opcode = self.parser.partial_opcode
         if opcode == Opcode.CONT:
             opcode = self._frag_opcode
-        if opcode != Opcode.TEXT or not data:
+        if opcode != Opcode.TEXT:
+            return
+        data = self.parser.partial_payload(self._partial_checked)
+        if not data:
             return
         if self._partial_decoder is None:
             self._partial_decoder = codecs.getincrementaldecoder("utf-8")()
@@ -551,6 +556,7 @@ class WebSocketProtocol:
         if self.state is State.OPEN:
             self._send_frame(Opcode.CLOSE, close_payload(code, reason))
         self.state = State.CLOSED
+        self.failed = True
 
     def events_received(self) -> list[Message]:
         """Return and forget the messages completed so far."""
@@ -1024,7 +1030,7 @@ class Room:
         self._output: asyncio.StreamReader | None = None  # until start_output()
         self._killed = False
         self._tasks: list[asyncio.Task] = []
-        self._input_lock = asyncio.Lock()
+        self._drainer: asyncio.Task | None = None  # waits while the child is behind
         self._out = bytearray()  # output that does not make a whole message yet
 
     # The child's life.
@@ -1148,7 +1154,7 @@ class Room:
     # Clients to child.
 
     async def receive(self, client: Client, message: Message) -> None:
-        """Pass a client's message to the child, waiting while the child is busy."""
+        """Pass a client's message to the child, waiting while the child is behind."""
         try:
             payload = to_child(message, client.id, self.config)
         except FramingError as exc:
@@ -1156,19 +1162,34 @@ class Room:
             return
         self.stats["messages_in"] += 1
         self.stats["bytes_in"] += len(message.data)
-        await self.send_to_child(payload)
+        await self.send_to_child(payload, client)
 
-    async def send_to_child(self, data: bytes) -> None:
-        """Write to the child, waiting while its pipe is full (backpressure)."""
+    async def send_to_child(self, data: bytes, client: Client | None = None) -> None:
+        """Write to the child; while it is behind, wait until it catches up.
+
+        The waiting client reads no more from its socket meanwhile, so memory
+        stays bounded (backpressure). The wait also ends if the client's
+        connection is lost, so a gone client can still leave a stuck room.
+        """
         writer = self._input
         if writer is None or self.ended or writer.is_closing():
             return
         writer.write(data)
-        async with self._input_lock:  # Python 3.9 allows one drain() waiter at a time
-            try:
-                await writer.drain()
-            except (ConnectionError, BrokenPipeError):
-                pass  # the child is gone; the output pump handles its exit
+        if writer.transport.get_write_buffer_size() <= CHILD_HIGH_WATER:
+            return
+        if self._drainer is None:
+            # One drain() for all waiting clients: Python 3.9 allows one drain() waiter.
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(writer))
+        waits = {self._drainer} if client is None else {self._drainer, client.lost()}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            await writer.drain()
+        except (ConnectionError, BrokenPipeError):
+            pass  # the child is gone; the output pump handles its exit
+        finally:
+            self._drainer = None
 
     def write_to_child_nowait(self, data: bytes) -> None:
         """Write to the child without waiting (for leave messages)."""
@@ -1444,6 +1465,7 @@ class Client:
         self.max_backlog = max_backlog
         self.last_seen = asyncio.get_running_loop().time()  # when the peer last sent anything
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Task | None = None
 
     def send(self, data: bytes) -> None:
         """Write encoded frames, unless the closing handshake has begun."""
@@ -1473,9 +1495,25 @@ class Client:
         self.flush()
         self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 
-    def cancel_timer(self) -> None:
+    def lost(self) -> asyncio.Task:
+        """Return a task that ends when the connection is lost (made on first use)."""
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_task(_wait_closed(self.writer))
+        return self._lost
+
+    def cleanup(self) -> None:
+        """Cancel what the client still has pending; call when its connection is done."""
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+        if self._lost is not None:
+            self._lost.cancel()
+
+
+async def _wait_closed(writer: asyncio.StreamWriter) -> None:
+    try:
+        await writer.wait_closed()
+    except (ConnectionError, OSError):
+        pass
 
 
 ###############################################################################
@@ -1742,7 +1780,7 @@ class Server:
         finally:
             self.clients.discard(client)
             self.hub.leave(client)
-            client.cancel_timer()
+            client.cleanup()
 
     async def _serve_client(self, client: Client, room_name: str, request: Request, response: bytes,
                             reader: asyncio.StreamReader) -> None:
@@ -1761,7 +1799,7 @@ class Server:
             writer.write(b"".join(room.cache))
         if self.config.joinmsg is not None:
             text = render_template(self.config.joinmsg, client.id, room_name, request)
-            await room.send_to_child(line_to_child(text, client.id, self.config))
+            await room.send_to_child(line_to_child(text, client.id, self.config), client)
         await self._read_frames(client, reader, room)
 
     async def _read_frames(self, client: Client, reader: asyncio.StreamReader, room: Room | None) -> None:
@@ -1787,10 +1825,13 @@ class Server:
                   extra={"client": client.id})
         if room is not None:
             self.hub.leave(client)
-        # Half-close and let the peer close its side, so that unread bytes in
-        # our buffer cannot turn our FIN into a RST that loses the close frame.
+        # After a failure, half-close and let the peer close its side, so that
+        # bytes it sent and we never read cannot turn our FIN into a RST that
+        # loses the close frame. After a closing handshake the peer sends
+        # nothing more, and the server closes the TCP connection first (RFC
+        # 6455 §7.1.1).
         writer = client.writer
-        if not writer.is_closing() and writer.can_write_eof():
+        if protocol.failed and not writer.is_closing() and writer.can_write_eof():
             writer.write_eof()
             try:
                 await asyncio.wait_for(_read_until_eof(reader), CLOSE_TIMEOUT)

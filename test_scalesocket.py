@@ -22,6 +22,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -138,9 +139,16 @@ class WSClient:
         self.sock.close()
 
 
-def ws_connect(host: str, port: int, path: str = "/room", headers: dict | None = None) -> WSClient:
+def ws_connect(host: str, port: int, path: str = "/room", headers: dict | None = None,
+               tls: ssl.SSLContext | None = None, rcvbuf: int | None = None) -> WSClient:
     """Open a WebSocket; raise HandshakeFailed unless the answer is 101."""
-    sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:  # a small receive window makes a client that does not read fall behind fast
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(IO_TIMEOUT)
+    sock.connect((host, port))
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname=host)
     key = base64.b64encode(os.urandom(16)).decode()
     fields = {
         "Host": f"{host}:{port}",
@@ -1786,6 +1794,328 @@ options:
 def test_help_is_pinned():
     """--help matches the golden text, as ScaleSocket's trycmd test does (change both together)."""
     assert run_cli("--help").stdout == HELP_GOLDEN
+
+
+###############################################################################
+# End to end: hostile input, faults and slow clients ##########################
+###############################################################################
+
+
+def test_incomplete_heads_are_dropped_and_do_not_block(serve):
+    """500 half-open connections do not stop a real client, and are dropped at the deadline."""
+    server = serve("--handshaketimeout", "1", *py_child(ECHO))
+    lazy = []
+    for _ in range(500):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+        sock.sendall(b"GET /r HTTP/1.1\r\nHost: x\r\n")
+        lazy.append(sock)
+    a = server.connect("/r")
+    a.send_text("through")
+    assert a.recv_text() == "through"
+    for sock in lazy:
+        assert sock.recv(100) == b""  # EOF: dropped by the server at its deadline
+        sock.close()
+    a.close()
+
+
+def test_maxclients_503_before_upgrade(serve):
+    """--maxclients 2: a third client gets 503 with Retry-After; a free slot is usable again."""
+    server = serve("--maxclients", "2", *py_child(ECHO))
+    a = server.connect("/r")
+    b = server.connect("/s")
+    with pytest.raises(HandshakeFailed) as exc:
+        server.connect("/r")
+    assert exc.value.status == 503 and "Retry-After: 5" in exc.value.head
+    b.close()
+    wait_until(lambda: server.call(lambda: len(server.server.clients)) == 1, what="b to be gone")
+    c = server.connect("/r")
+    c.send_text("in")
+    assert a.recv_text() == "in" and c.recv_text() == "in"
+    a.close()
+    c.close()
+
+
+FLOOD = """
+import sys
+for line in sys.stdin:
+    n = int(line)
+    out = sys.stdout
+    for i in range(n):
+        out.write("%06d " % i + "x" * 500 + "\\n")
+    out.write("done\\n")
+    out.flush()
+"""
+
+
+def test_slow_client_is_closed_1008_without_gaps_and_room_goes_on(serve):
+    """A client that stops reading gets every message in order up to a point, then 1008; others get all."""
+    server = serve("--maxbacklog", "65536", *py_child(FLOOD))
+    fast = server.connect("/r")
+    slow = ws_connect("127.0.0.1", server.port, "/r", rcvbuf=4096)
+    count = 20000  # 10 MB: more than loopback's socket buffers can hide
+    fast.send_text(str(count))
+    for i in range(count):
+        assert fast.recv_text().startswith("%06d " % i)
+    assert fast.recv_text() == "done"
+    received = []
+    while True:
+        opcode, data = slow.recv()
+        if opcode == Opcode.CLOSE:
+            break
+        received.append(int(data[:6]))
+    assert received == list(range(len(received))) and len(received) < count  # a prefix: no gap
+    assert slow.protocol.close_code == 1008 and "fell behind" in slow.protocol.close_reason
+    fast.send_text("1")
+    assert fast.recv_text().startswith("000000 ")
+    fast.close()
+
+
+def test_child_that_stops_reading_backpressures_its_clients_only(serve):
+    """A child that never reads stdin: its clients wait (bounded memory); other rooms go on; a gone client still leaves."""
+    server = serve("--ping", "0.3", *py_child("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)"))
+    stuck = server.connect("/stuck")
+    pid = int(stuck.recv_text())
+    frame = Frame(Opcode.BINARY, bytes(65536)).serialize(MASK)
+    stuck.sock.setblocking(False)
+    sent = 0
+    try:
+        while sent < 200 * 2**20:
+            sent += stuck.sock.send(frame)
+    except BlockingIOError:
+        pass
+    # What was accepted fits in socket buffers, one read chunk and the pipe: bounded.
+    assert sent < 40 * 2**20, sent
+    other = serve(*py_child(ECHO)).connect("/fine")  # the server process is not stuck
+    b = server.connect("/other")
+    assert b.recv_text().isdigit()  # another room of the same server starts its child
+    stuck.sock.close()  # gone while the server is not reading it: keepalive finds out
+    wait_until(lambda: process_gone(pid), timeout=ss.CLOSE_TIMEOUT + IO_TIMEOUT, what="the stuck room's child to go")
+    b.close()
+    other.close()
+
+
+def test_keepalive_closes_silent_clients_and_keeps_answering_ones(serve):
+    """--ping: a client that answers pings stays; one that never answers is closed with 1011."""
+    server = serve("--ping", "0.2", *py_child(ECHO))
+    silent = server.connect("/quiet")
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+    raw.sendall(UPGRADE.replace("/chat?x=1", "/lively").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += raw.recv(4096)
+    parser = FrameParser(masked=False)
+    frames = parser.feed(buf.partition(b"\r\n\r\n")[2])
+    pings = 0
+    while pings < 5:
+        while not frames:
+            frames = parser.feed(raw.recv(4096))
+        frame = frames.pop(0)
+        assert frame.opcode == Opcode.PING, frame
+        raw.sendall(Frame(Opcode.PONG, frame.payload).serialize(MASK))
+        pings += 1
+    # Five pings answered over about a second: still open. The silent one was closed.
+    raw.sendall(Frame(Opcode.TEXT, b"alive").serialize(MASK))
+    frames = frames or parser.feed(raw.recv(4096))
+    while frames[0].opcode == Opcode.PING:
+        frames.pop(0)
+        frames = frames or parser.feed(raw.recv(4096))
+    assert frames[0] == Frame(Opcode.TEXT, b"alive")
+    assert silent.recv_close() == (1011, "keepalive ping timeout")
+    raw.close()
+
+
+@pytest.mark.parametrize(
+    "argv, origin, allowed",
+    [
+        (["--origins", "https://good.example,trusted.example:8443"], "https://good.example", True),
+        (["--origins", "https://good.example,trusted.example:8443"], "https://trusted.example:8443", True),
+        (["--origins", "https://good.example"], "https://evil.example", False),
+        (["--origins", "https://good.example"], "http://good.example", False),
+        (["--origins", "https://good.example"], None, True),
+        (["--sameorigin"], "http://127.0.0.1:{port}", True),
+        (["--sameorigin"], "http://evil.example", False),
+        ([], "http://evil.example", True),
+    ],
+)
+def test_origin_checks(serve, argv, origin, allowed):
+    """--origins and --sameorigin refuse other browser origins with 403; no Origin passes."""
+    server = serve(*argv, *py_child(ECHO))
+    headers = {"Origin": origin.format(port=server.port)} if origin else {}
+    if allowed:
+        server.connect("/r", headers=headers).close()
+    else:
+        with pytest.raises(HandshakeFailed) as exc:
+            server.connect("/r", headers=headers)
+        assert exc.value.status == 403
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=IO_TIMEOUT * 3,
+    )
+    return cert, key
+
+
+def test_tls_serves_wss_and_https(serve, certificate):
+    """--tlscert/--tlskey: wss:// and https:// on the same port, verified against the certificate."""
+    cert, key = certificate
+    server = serve("--tlscert", str(cert), "--tlskey", str(key), *py_child(ECHO))
+    context = ssl.create_default_context(cafile=str(cert))
+    a = ws_connect("127.0.0.1", server.port, "/secure", tls=context)
+    a.send_text("encrypted")
+    assert a.recv_text() == "encrypted"
+    a.close()
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=IO_TIMEOUT)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() == b'{"status":"ok"}'
+    conn.close()
+    plain = raw_request(server.port, b"GET /health HTTP/1.1\r\n\r\n")  # no TLS: no answer
+    assert b"ok" not in plain
+
+
+def test_tls_bad_files_exit_2(tmp_path, certificate):
+    """Unusable --tlscert/--tlskey, or only one of them: one error line, exit 2."""
+    cert, key = certificate
+    (tmp_path / "junk.pem").write_text("not a key")
+    for argv in (["--tlscert", str(cert), "--tlskey", str(tmp_path / "junk.pem")], ["--tlscert", str(cert)]):
+        result = run_cli(*argv, "cat")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--tlscert" in result.stderr
+
+
+def test_static_if_modified_since(serve, static_root):
+    """Static files carry Last-Modified and answer If-Modified-Since with 304; a bad date is ignored."""
+    server = serve("--staticdir", str(static_root), "cat")
+    status, headers, _ = http_request(server.port, "/app.js")
+    modified = headers["Last-Modified"]
+    status, headers, body = http_request(server.port, "/app.js", headers={"If-Modified-Since": modified})
+    assert (status, body) == (304, b"")
+    old = "Mon, 01 Jan 2001 00:00:00 GMT"
+    assert http_request(server.port, "/app.js", headers={"If-Modified-Since": old})[0] == 200
+    assert http_request(server.port, "/app.js", headers={"If-Modified-Since": "yesterday"})[0] == 200
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_no_leaks_over_connect_disconnect_cycles(serve):
+    """Many connect/disconnect cycles on one room leave no child, zombie, fd or memory behind.
+
+    SCALESOCKET_LEAK_CYCLES=1000 runs the full check (and prints the figures).
+    """
+    cycles = int(os.environ.get("SCALESOCKET_LEAK_CYCLES", "30"))
+    server = serve(*py_child("import os\nprint(os.getpid(), flush=True)\n" + ECHO))
+
+    def cycle() -> int:
+        client = server.connect("/leak")
+        pid = int(client.recv_text())
+        client.send_text("x")
+        assert client.recv_text() == "x"
+        client.close()
+        return pid
+
+    for pid in [cycle() for _ in range(5)]:  # warm up caches and buffers
+        wait_until(lambda: process_gone(pid), what="warm-up child gone")
+    fds_before, rss_before = len(os.listdir("/proc/self/fd")), _rss_kib()
+    pids = [cycle() for _ in range(cycles)]
+    for pid in pids:
+        wait_until(lambda: process_gone(pid), what=f"child {pid} reaped")
+    wait_until(lambda: server.call(lambda: not server.server.hub.rooms and not server.server.clients), what="room gone")
+    wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before, what="fds back")
+    rss_after = _rss_kib()
+    print(f"\n{cycles} cycles: fds {fds_before} -> {len(os.listdir('/proc/self/fd'))}, "
+          f"RSS {rss_before} KiB -> {rss_after} KiB")
+    assert rss_after - rss_before < 20 * 1024
+
+
+###############################################################################
+# Fuzzing the parsers (fixed seeds) ###########################################
+###############################################################################
+
+
+def _mutate(rng, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        if choice < 0.4 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif choice < 0.6 and data:
+            del data[rng.randrange(len(data)):][: rng.randint(1, 8)]
+        elif choice < 0.8:
+            pos = rng.randint(0, len(data))
+            data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        else:
+            data += data[: rng.randint(0, len(data))]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_frame_parser_and_protocol(seed):
+    """Thousands of random and mutated streams: only ProtocolError, bounded buffers, never a hang."""
+    import random
+
+    rng = random.Random(seed)
+    valid = [
+        Frame(Opcode.TEXT, "héllo".encode()).serialize(MASK),
+        Frame(Opcode.BINARY, bytes(300)).serialize(MASK),
+        Frame(Opcode.TEXT, b"frag", fin=False).serialize(MASK) + Frame(Opcode.CONT, b"ment").serialize(MASK),
+        Frame(Opcode.PING, b"p").serialize(MASK),
+        Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(MASK),
+        Frame(Opcode.BINARY, bytes(70000)).serialize(MASK),
+    ]
+    for _ in range(1500):
+        if rng.random() < 0.3:
+            stream = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+        else:
+            stream = _mutate(rng, b"".join(rng.choice(valid) for _ in range(rng.randint(1, 4))))
+        parser = FrameParser(max_size=100000)
+        proto = ss.WebSocketProtocol(100000)
+        pos = 0
+        try:
+            while pos < len(stream):
+                step = rng.randint(1, 64)
+                parser.feed(stream[pos : pos + step])
+                assert len(parser._buf) <= 14 + 100000
+                pos += step
+        except ProtocolError as exc:
+            assert exc.code in (1002, 1007, 1009)
+        for i in range(0, len(stream), 50):
+            proto.receive_data(stream[i : i + 50])  # never raises
+        proto.events_received()
+        proto.data_to_send()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_request_parser(seed):
+    """Thousands of random and mutated request heads: only HTTPError comes out."""
+    import random
+
+    rng = random.Random(seed)
+    heads = [UPGRADE.encode(), b"GET /index.html?x=%2e%2e HTTP/1.1\r\nHost: a\r\n\r\n",
+             b"HEAD / HTTP/1.0\r\nIf-Modified-Since: Mon, 01 Jan 2001 00:00:00 GMT\r\n\r\n"]
+    for _ in range(3000):
+        head = _mutate(rng, rng.choice(heads)) if rng.random() < 0.8 else bytes(
+            rng.randrange(256) for _ in range(rng.randint(0, 120)))
+        try:
+            request = ss.parse_request(head)
+        except ss.HTTPError:
+            continue
+        for check in (ss.handshake_response, lambda r: ss.room_from_path(r.path),
+                      lambda r: ss.check_origin(r, frozenset({"a"}), True)):
+            try:
+                check(request)
+            except ss.HTTPError:
+                pass
+        assert ss.resolve_static(HERE, request.path) in (None,) or ss.resolve_static(HERE, request.path).startswith(HERE)
+        ss.not_modified_since(request.headers.get("if-modified-since"), 0)
 
 
 ###############################################################################
