@@ -72,6 +72,7 @@ DEFAULT_MAX_BACKLOG = 8 * 1024 * 1024  # --maxbacklog: bytes a client may leave 
 DEFAULT_PING = 20.0  # --ping: seconds between keepalive pings
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's side of a closing handshake
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child
+EXIT_DRAIN = 1.0  # seconds after a child's exit for what it started to let go of its output
 TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
 CHILD_HIGH_WATER = 64 * 1024  # bytes queued for a child before its clients wait
 READ_CHUNK = 256 * 1024
@@ -287,25 +288,47 @@ class FrameParser:
         self._buf = bytearray()
         # (opcode, payload offset, mask key) of a frame whose payload is still arriving
         self._partial: tuple[int, int, bytes] | None = None
+        self.allow_rsv1 = False  # set when permessage-deflate is negotiated
+        self._frames: list[Frame] = []
+        self._error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[Frame]:
         """Buffer ``data`` and return the frames it completes.
+
+        Frames that precede a violation are returned first; the error is
+        raised by the next call (``feed(b"")`` will do).
 
         Raises:
             ProtocolError: the stream breaks RFC 6455 (code 1002).
             MessageTooBig: a frame is longer than ``max_size`` (code 1009).
         """
+        if self._error is not None:
+            raise self._error
         buf = self._buf
         buf += data
-        frames = []
         self._partial = None
+        self._frames = []
+        try:
+            self._parse()
+        except ProtocolError as exc:
+            if not self._frames:
+                raise
+            self._error = exc
+        frames, self._frames = self._frames, []
+        return frames
+
+    def _parse(self) -> None:
+        buf = self._buf
+        frames = self._frames
         pos = 0
         end = len(buf)
         while end - pos >= 2:
             b0 = buf[pos]
             b1 = buf[pos + 1]
             opcode = b0 & 0x0F
-            if b0 & 0x70:
+            if b0 & 0x30 or b0 & 0x40 and (not self.allow_rsv1 or opcode == 0 or opcode >= 8):
+                # RFC 7692 §6: with permessage-deflate, RSV1 marks the first
+                # frame of a compressed message, never a continuation or control.
                 raise ProtocolError("reserved bits must be 0")
             if opcode > 2 and opcode not in (8, 9, 10):
                 raise ProtocolError(f"reserved opcode {opcode}")
@@ -343,11 +366,11 @@ class FrameParser:
             payload = bytes(buf[pos + head : pos + head + length])
             if self.masked:
                 payload = apply_mask(payload, bytes(buf[pos + head - 4 : pos + head]))
-            frames.append(Frame(Opcode(opcode), payload, bool(b0 & 0x80), False))
+            frames.append(Frame(Opcode(opcode), payload, bool(b0 & 0x80), bool(b0 & 0x40)))
             pos += head + length
-        if pos:
-            del buf[:pos]
-        return frames
+            del buf[:pos]  # consumed at once, so an error below keeps these frames
+            end -= pos
+            pos = 0
 
     @property
     def partial_opcode(self) -> int | None:
@@ -404,8 +427,7 @@ class WebSocketProtocol:
         self._events: list[Message] = []
         self._out: list[bytes] = []
         self._frag_opcode: Opcode | None = None
-        self._frag_parts: list[bytes] = []
-        self._frag_size = 0
+        self._frag_buf = bytearray()  # one buffer: tiny fragments cost no per-part memory
         self._decoder = None
         self._partial_decoder = None  # checks a text frame that is still arriving
         self._partial_checked = 0
@@ -425,6 +447,8 @@ class WebSocketProtocol:
                 self._receive_frame(frame)
                 if self.state is State.CLOSED:
                     return
+            if frames:
+                self.parser.feed(b"")  # raises a violation found behind these frames
             if self.state is State.OPEN:
                 self._check_partial_text()
         except ProtocolError as exc:
@@ -473,7 +497,7 @@ class WebSocketProtocol:
             opcode = self._frag_opcode
         elif self._frag_opcode is not None:
             raise ProtocolError("new message before the fragmented one ended")
-        size = self._frag_size + len(payload)
+        size = len(self._frag_buf) + len(payload)
         if size > self.max_size:
             raise MessageTooBig(f"message exceeds the limit of {self.max_size} bytes")
         if opcode == Opcode.TEXT:
@@ -489,18 +513,16 @@ class WebSocketProtocol:
                 except UnicodeDecodeError:
                     raise InvalidPayload("text message is not valid UTF-8") from None
         if frame.fin:
-            if self._frag_parts:
-                self._frag_parts.append(payload)
-                payload = b"".join(self._frag_parts)
+            if self._frag_buf:
+                self._frag_buf += payload
+                payload = bytes(self._frag_buf)
             self._events.append(Message(opcode, payload))
             self._frag_opcode = None
-            self._frag_parts = []
-            self._frag_size = 0
+            self._frag_buf = bytearray()
             self._decoder = None
         else:
             self._frag_opcode = opcode
-            self._frag_parts.append(payload)
-            self._frag_size = size
+            self._frag_buf += payload
 
     def _receive_close(self, payload: bytes) -> None:
         if len(payload) == 1:
@@ -857,8 +879,8 @@ def render_template(template: str, conn_id: int, room: str, request: Request) ->
             return urllib.parse.quote(room, safe="")
         if name == "REMOTE_ADDR":
             return request.remote_addr
-        if name == "QUERY_STRING":
-            return request.query
+        if name == "QUERY_STRING":  # keeps its %XX escapes; " \\ < > and spaces get them
+            return urllib.parse.quote(request.query, safe="/?&=%:;,+@!$'()*~")
         values = query.get(name[6:].lower()) or query.get(name[6:]) or [""]
         return urllib.parse.quote(values[0], safe="")
 
@@ -1006,6 +1028,20 @@ class PortPool:
         self._free.append(port)
 
 
+class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The asyncio subprocess protocol, plus a future that is done when the child
+    exits, whoever still holds its pipes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=READ_CHUNK, loop=loop)
+        self.exited = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
 class Room:
     """One room: its clients, its child process and the pumps around it.
 
@@ -1021,6 +1057,8 @@ class Room:
         self.metadata: dict | None = None
         self.cache = hub.cache_for(name)
         self.proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Future | None = None  # done when the child has exited
+        self._transport: asyncio.SubprocessTransport | None = None
         self.port: int | None = None
         self.ended = False  # no client may join once the child is gone or going
         self.starting: asyncio.Task | None = None
@@ -1049,7 +1087,8 @@ class Room:
             self.port = self.hub.ports.take()
             env["PORT"] = str(self.port)
         try:
-            self.proc = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ChildProtocol(loop),
                 config.cmd,
                 *config.args,
                 stdin=asyncio.subprocess.DEVNULL if config.tcp else asyncio.subprocess.PIPE,
@@ -1064,6 +1103,9 @@ class Room:
         except OSError as exc:
             self._release_port()
             raise ProcessSpawnError(f"cannot start {config.cmd}: {exc.strerror or exc}") from None
+        self.proc = asyncio.subprocess.Process(transport, protocol, loop)
+        self._transport = transport
+        self._exited = protocol.exited
         self.hub.on_child_start(self)
         self._tasks.append(loop.create_task(self._pump_log(self.proc.stderr, "stderr")))
         if config.tcp:
@@ -1076,6 +1118,26 @@ class Room:
         else:
             output, self._input = self.proc.stdout, self.proc.stdin
         self._output = output
+        # What to close if the output outlives the child: its stdout pipe, or the TCP connection.
+        holder = self._input.transport if config.tcp else transport.get_pipe_transport(1)
+        self._tasks.append(loop.create_task(self._watch_exit(holder)))
+
+    async def _watch_exit(self, holder: asyncio.BaseTransport) -> None:
+        """Make sure the output pump ends once the child has exited.
+
+        Helpers the child left in its process group are stopped with it; if
+        something outside the group still holds the output open after
+        EXIT_DRAIN, the output is ended by force. (Since Python 3.12,
+        Process.wait() also waits for the pipes, so it is not used here.)
+        """
+        await self._exited
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+            await asyncio.sleep(EXIT_DRAIN)
+        holder.close()  # the pump then reads what is buffered, and the end
 
     def start_output(self) -> None:
         """Start relaying the child's output, once its first client is in the room.
@@ -1105,7 +1167,7 @@ class Room:
                 # Nothing listened yet and the kernel gave us the same port as
                 # our own source port: a TCP self-connection. Not the child.
                 writer.close()
-            if self.proc.returncode is not None:
+            if self._exited.done():
                 raise ProcessSpawnError(f"child exited with code {self.proc.returncode} before listening on port {self.port}")
             if loop.time() > deadline:
                 raise ProcessSpawnError(f"child did not listen on 127.0.0.1:{self.port} within {TCP_CONNECT_TIMEOUT:g} s")
@@ -1132,7 +1194,7 @@ class Room:
                 except (ProcessLookupError, PermissionError):
                     pass  # the whole group is gone already
                 try:
-                    await asyncio.wait_for(proc.wait(), KILL_GRACE)
+                    await asyncio.wait_for(asyncio.shield(self._exited), KILL_GRACE)
                     break
                 except asyncio.TimeoutError:
                     if signum == signal.SIGTERM:
@@ -1142,6 +1204,7 @@ class Room:
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
+            self._transport.close()
             log.info("room %r: child %d stopped", self.name, proc.pid, extra={"room": self.name})
             self.hub.totals["children_stopped"] += 1
         self._release_port()
@@ -1180,8 +1243,14 @@ class Room:
         if self._drainer is None:
             # One drain() for all waiting clients: Python 3.9 allows one drain() waiter.
             self._drainer = asyncio.get_running_loop().create_task(self._drain(writer))
-        waits = {self._drainer} if client is None else {self._drainer, client.lost()}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if client is None:
+            await asyncio.wait({self._drainer})
+            return
+        client.waiting = True
+        try:
+            await asyncio.wait({self._drainer, client.lost()}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            client.waiting = False
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:
         try:
@@ -1303,8 +1372,8 @@ class Room:
                 pass
         except ConnectionError:
             pass  # TCP mode: the child reset the connection; its exit follows
-        returncode = await self.proc.wait()
-        self.hub.on_child_exit(self, returncode)
+        await self._exited
+        self.hub.on_child_exit(self, self.proc.returncode)
 
     async def _pump_log(self, reader: asyncio.StreamReader, name: str) -> None:
         while True:
@@ -1357,10 +1426,10 @@ class Hub:
         config = self.config
         room = self.rooms.get(room_name)
         if room is None:
-            if config.oneshot and self._oneshot_room not in (None, room_name):
-                raise RoomUnavailable(f"--oneshot: this server serves room {self._oneshot_room!r} only",
+            if config.oneshot and self._oneshot_room is not None:
+                raise RoomUnavailable(f"--oneshot: this server has served room {self._oneshot_room!r}",
                                       CloseCode.TRY_AGAIN_LATER)
-            if config.max_rooms is not None and len(self.rooms) >= config.max_rooms:
+            if config.max_rooms is not None and len(self.rooms) + len(self._stopping) >= config.max_rooms:
                 raise RoomUnavailable(f"too many rooms (at most {config.max_rooms})", CloseCode.TRY_AGAIN_LATER)
             self._oneshot_room = room_name
             room = Room(self, room_name)
@@ -1464,6 +1533,7 @@ class Client:
         self.room: Room | None = None
         self.max_backlog = max_backlog
         self.last_seen = asyncio.get_running_loop().time()  # when the peer last sent anything
+        self.waiting = False  # on a child that is behind: not read, so silent through no fault
         self._abort_timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Task | None = None
 
@@ -1659,7 +1729,12 @@ class Server:
             now = loop.time()
             for client in list(self.clients):
                 quiet = now - client.last_seen
-                if quiet >= 2 * interval:
+                if client.waiting:
+                    # Not read while its child is behind, so its answers wait
+                    # too. The ping still finds out if the peer is gone: a
+                    # closed socket answers it with a reset.
+                    client.ping()
+                elif quiet >= 2 * interval:
                     client.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 elif quiet >= interval * 0.9:
                     client.ping()
@@ -1699,6 +1774,7 @@ class Server:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = None
         try:
             timeout = self.config.handshake_timeout
             try:
@@ -1717,7 +1793,7 @@ class Server:
                 await self._serve_http(request, writer)
         except HTTPError as exc:
             log.info("! %d %s", exc.status, exc.reason)
-            writer.write(error_response(exc))
+            writer.write(error_response(exc, head_only=request is not None and request.method == "HEAD"))
             await writer.drain()
 
     async def _serve_http(self, request: Request, writer: asyncio.StreamWriter) -> None:
@@ -1745,7 +1821,13 @@ class Server:
 
     async def _send_file(self, path: str, request: Request, writer: asyncio.StreamWriter) -> None:
         """Stream a file in chunks, so memory does not grow with its size."""
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except PermissionError:
+            raise Forbidden("file not readable") from None
+        except OSError:
+            raise NotFound("no such file") from None
+        with f:
             stat = os.fstat(f.fileno())
             size, mtime = stat.st_size, int(stat.st_mtime)
             if not_modified_since(request.headers.get("if-modified-since"), mtime):
@@ -1832,11 +1914,11 @@ class Server:
         # 6455 §7.1.1).
         writer = client.writer
         if protocol.failed and not writer.is_closing() and writer.can_write_eof():
-            writer.write_eof()
             try:
+                writer.write_eof()
                 await asyncio.wait_for(_read_until_eof(reader), CLOSE_TIMEOUT)
-            except (asyncio.TimeoutError, ConnectionError):
-                pass
+            except (asyncio.TimeoutError, OSError):
+                pass  # gone already: nothing left to wait for
 
 
 async def _read_until_eof(reader: asyncio.StreamReader) -> None:

@@ -1849,7 +1849,7 @@ for line in sys.stdin:
 
 def test_slow_client_is_closed_1008_without_gaps_and_room_goes_on(serve):
     """A client that stops reading gets every message in order up to a point, then 1008; others get all."""
-    server = serve("--maxbacklog", "65536", *py_child(FLOOD))
+    server = serve("--maxbacklog", "1048576", *py_child(FLOOD))
     fast = server.connect("/r")
     slow = ws_connect("127.0.0.1", server.port, "/r", rcvbuf=4096)
     count = 20000  # 10 MB: more than loopback's socket buffers can hide

@@ -1,0 +1,629 @@
+"""Benchmark scalesocket.py against a websockets-library stand-in and websocketd.
+
+    python3 bench/bench.py                      # full run (about 5-10 minutes)
+    python3 bench/bench.py --quick              # short run (about a minute)
+    python3 bench/bench.py --only rtt,fanout    # some workloads only
+    python3 bench/bench.py --json /tmp/bench-results.json
+    python3 bench/bench.py --profile fanout     # scalesocket.py under cProfile
+
+Servers, all relaying through `cat` on 127.0.0.1 only:
+
+* scalesocket.py  ``python3 scalesocket.py --ping 0 --maxclients 20000 cat``
+  (the current file in the repository root);
+* websockets      ``bench/ws_server.py cat``: the same job (rooms by path, one
+  ``cat`` per room, lines broadcast to the room) on the `websockets` library,
+  run from a venv at /tmp/bench-venv;
+* websocketd      ``websocketd cat``: no rooms, one ``cat`` per connection, so
+  it runs only where that is the same job (round trip, 1 MiB echo, new rooms,
+  which for it is a new connection and its child) or where it is a fair
+  yardstick anyway (handshakes, idle memory; both include a ``cat`` per
+  connection for it). Other cells are "–".
+
+Workloads (the load generator is bench/loadgen.js, node + the `ws` package):
+
+1. rtt        round trip of 64 B text through ``cat``, one client, sequential:
+              msg/s and latency p50/p99 (µs).
+2. fanout     100 clients in one room, one of them sends 2,000 messages at
+              once: deliveries/s (100 × 2,000 / time until the last client has
+              all) and lost messages (each client checks it got all, in order).
+3. big        1 MiB text messages echoed through ``cat``, sequential: MB/s.
+4. handshake  2,000 connections (open, upgrade, close; 8 at once) to one room
+              whose child an "anchor" client keeps alive: connections/s.
+5. idle       10,000 connections held in one room: the server's PSS
+              (/proc/PID/smaps_rollup) before and after, KiB per connection,
+              and whether all were held (and, with rooms, all got a broadcast).
+6. rooms      500 distinct rooms, 4 at once, each: connect, send, get the
+              echo, close (a child spawned and stopped per room): rooms/s.
+
+Beside each throughput figure is the server process's CPU use during the timed
+phase (utime+stime from /proc/PID/stat): near 100% means the server, which
+runs on one core, is the bottleneck. The load generator's busiest process is
+reported the same way, in a second table.
+
+Install (bench.py does each step itself when the thing is missing):
+
+    cd bench && npm install                  # ws into bench/node_modules
+    python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install websockets
+    apt-get update && apt-get install -y websocketd     # optional; as root
+
+Requires Linux (/proc), python3 >= 3.9, node >= 18.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import pstats
+import queue
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+SCALESOCKET = os.path.join(REPO_DIR, "scalesocket.py")
+LOADGEN = os.path.join(BENCH_DIR, "loadgen.js")
+WS_SERVER = os.path.join(BENCH_DIR, "ws_server.py")
+VENV = "/tmp/bench-venv"
+VENV_PYTHON = os.path.join(VENV, "bin", "python")
+NOFILE = 65536  # fd limit for the servers and the load generator (idle holds 10,000)
+WORKLOAD_TIMEOUT = 60  # seconds, per run of a workload
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+HOST = "127.0.0.1"  # every server listens, and every client connects, here only
+
+SERVERS = ["scalesocket", "websockets", "websocketd"]
+SERVER_TITLES = {"scalesocket": "scalesocket.py", "websockets": "websockets", "websocketd": "websocketd"}
+
+
+# --------------------------------------------------------------------------
+# Workloads: what the load generator runs, how often, what is reported.
+# --------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    args: list[str]  # loadgen options, full run
+    quick_args: list[str]  # loadgen options, --quick
+    runs: int  # the median of this many runs is reported (full run)
+    key: str  # figure of the "end" event that picks the median run
+    servers: tuple[str, ...] = tuple(SERVERS)
+    rooms: bool = True  # needs rooms (each server gets --anchor/--broadcast where it has them)
+
+
+WORKLOADS = {w.name: w for w in [
+    Workload("rtt", "round trip 64 B, 1 client",
+             ["--count", "20000", "--warmup", "1000", "--size", "64"],
+             ["--count", "3000", "--warmup", "300", "--size", "64"], runs=3, key="msg_per_s"),
+    Workload("fanout", "fan-out 100 clients x 2,000 msgs",
+             ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
+             ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
+             runs=5, key="deliveries_per_s", servers=("scalesocket", "websockets")),
+    Workload("big", "1 MiB text echo, 1 client",
+             ["--count", "50", "--size", str(2**20)],
+             ["--count", "20", "--size", str(2**20)], runs=3, key="mb_per_s"),
+    Workload("handshake", "handshakes (open+upgrade+close)",
+             ["--count", "2000", "--concurrency", "8"],
+             ["--count", "500", "--concurrency", "8"], runs=3, key="per_s"),
+    Workload("idle", "idle connections in one room",
+             ["--count", "10000", "--concurrency", "100"],
+             ["--count", "1000", "--concurrency", "100"], runs=1, key="opened"),
+    Workload("rooms", "new rooms: spawn + first round trip",
+             ["--count", "500", "--concurrency", "4"],
+             ["--count", "100", "--concurrency", "4"], runs=1, key="per_s"),
+]}
+
+
+# --------------------------------------------------------------------------
+# Setup: install what is missing.
+# --------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> None:
+    """Raise this process's fd limit; the servers and node inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, max(hard, NOFILE)))
+    except (ValueError, OSError):  # not root: as far as the hard limit goes
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def ensure_node_ws() -> None:
+    if shutil.which("node") is None:
+        sys.exit("bench: node is required (node >= 18)")
+    if not os.path.isdir(os.path.join(BENCH_DIR, "node_modules", "ws")):
+        log("installing ws: npm install in bench/")
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=BENCH_DIR, check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+def ensure_venv() -> bool:
+    """Make the venv with websockets in it; False (and a warning) if that fails."""
+    check = [VENV_PYTHON, "-c", "import websockets.asyncio.server"]
+    if os.path.exists(VENV_PYTHON) and subprocess.run(check, capture_output=True).returncode == 0:
+        return True
+    log(f"creating {VENV} with websockets")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([VENV_PYTHON, "-m", "pip", "install", "-q", "websockets>=13"], check=True)
+        return subprocess.run(check, capture_output=True).returncode == 0
+    except (subprocess.CalledProcessError, OSError) as exc:
+        log(f"cannot set up the websockets venv ({exc}); skipping that server")
+        return False
+
+
+def ensure_websocketd() -> bool:
+    """Install websocketd with apt when possible (root); False if it is not there."""
+    if shutil.which("websocketd"):
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log("installing websocketd with apt-get")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+        if subprocess.run(["apt-get", "install", "-y", "-q", "websocketd"], **quiet).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], **quiet)
+            subprocess.run(["apt-get", "install", "-y", "-q", "websocketd"], **quiet)
+    if shutil.which("websocketd"):
+        return True
+    log("websocketd is not installed (apt-get install websocketd); skipping it")
+    return False
+
+
+# --------------------------------------------------------------------------
+# /proc readings.
+# --------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, in seconds (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size of a process, in KiB."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of a process (the servers' cat processes)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def pss_with_children(pid: int, deadline: float) -> tuple[int, int]:
+    """PSS of a process plus its children (KiB), and how many children it has.
+
+    Bounded in time: past the deadline, the children not read yet are counted
+    at the average of those read.
+    """
+    kids = children_of(pid)
+    read, kids_total = 0, 0
+    for kid in kids:
+        if time.monotonic() > deadline:
+            break
+        kids_total += pss_kib(kid) or 0
+        read += 1
+    if read < len(kids):
+        kids_total = kids_total * len(kids) // max(read, 1)
+    return (pss_kib(pid) or 0) + kids_total, len(kids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------
+# Servers.
+# --------------------------------------------------------------------------
+
+class Server:
+    """One server process on 127.0.0.1, started for one workload."""
+
+    def __init__(self, kind: str, tag: str, profile_out: str | None = None) -> None:
+        self.kind = kind
+        self.log_path = f"/tmp/bench-{kind}-{tag}.log"
+        self.port: int | None = None
+        if kind == "scalesocket":
+            script = [SCALESOCKET]
+            if profile_out:
+                script = ["-m", "cProfile", "-o", profile_out, SCALESOCKET]
+            argv = [sys.executable, *script, "--addr", f"{HOST}:0", "--ping", "0", "--maxclients", "20000", "cat"]
+        elif kind == "websockets":
+            argv = [VENV_PYTHON, WS_SERVER, "--addr", f"{HOST}:0", "cat"]
+        else:
+            self.port = free_port()
+            argv = ["websocketd", f"--port={self.port}", f"--address={HOST}", "--loglevel=error", "cat"]
+        self.logfile = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT,
+                                     cwd=REPO_DIR)
+        self.pid = self.proc.pid
+        self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; see {self.log_path}")
+            if self.port is None:
+                with open(self.log_path) as f:
+                    for line in f:
+                        if "listening on " in line:
+                            self.port = int(line.rsplit(":", 1)[1].split()[0])
+            if self.port is not None:
+                try:
+                    socket.create_connection((HOST, self.port), timeout=1).close()
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.kind} did not start listening in {timeout} s; see {self.log_path}")
+
+    @property
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}"
+
+    def stop(self, timeout: float = 15) -> int | None:
+        """SIGINT, then SIGKILL if it has not exited in time; return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.kind} ignored SIGINT for {timeout} s; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        self.logfile.close()
+        return self.proc.returncode
+
+
+# --------------------------------------------------------------------------
+# One run of a workload against a server.
+# --------------------------------------------------------------------------
+
+class LoadGen:
+    """node loadgen.js, with its JSON-line events read by a thread as they come."""
+
+    def __init__(self, workload: str, args: list[str]) -> None:
+        self.proc = subprocess.Popen(["node", LOADGEN, workload, *args, "--timeout", str(WORKLOAD_TIMEOUT)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=BENCH_DIR, text=True)
+        self.events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.events.put((time.monotonic(), json.loads(line)))
+            except json.JSONDecodeError:
+                log(f"loadgen: {line.rstrip()}")
+        self.events.put((time.monotonic(), None))
+
+    def next_event(self, deadline: float) -> tuple[float, dict | None]:
+        try:
+            return self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return time.monotonic(), None
+
+    def say(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> None:
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
+    """Run the load generator once; return its "end" figures plus CPU and memory."""
+    extra = []
+    if workload.name == "handshake" and server.kind != "websocketd":
+        extra.append("--anchor")
+    if workload.name == "idle" and server.kind != "websocketd":
+        extra.append("--broadcast")
+    result: dict = {}
+    pss_before = pss_kib(server.pid)
+    gen = LoadGen(workload.name, ["--url", server.url, *args, *extra])
+    deadline = time.monotonic() + WORKLOAD_TIMEOUT + 45
+    begin = None
+    while True:
+        t, ev = gen.next_event(deadline)
+        if ev is None:
+            result.setdefault("error", "load generator ended without a result")
+            break
+        if ev["ev"] == "begin":
+            pids = ev["pids"]
+            begin = (t, cpu_seconds(server.pid), {p: cpu_seconds(p) for p in pids})
+        elif ev["ev"] == "opened":  # idle: every connection is open now
+            time.sleep(1.0)  # let the server settle
+            result["pss_before_kib"] = pss_before
+            result["pss_after_kib"] = pss_kib(server.pid)
+            result["pss_children_after_kib"], result["children"] = pss_with_children(
+                server.pid, time.monotonic() + 20)
+            gen.say("go")
+        elif ev["ev"] == "end":
+            if begin is not None:
+                t0, srv0, gen0 = begin
+                wall = max(t - t0, 1e-9)
+                srv1 = cpu_seconds(server.pid)
+                result["server_cpu_pct"] = 100 * (srv1 - srv0) / wall if srv1 is not None else None
+                gen_pcts = [100 * (cpu_seconds(p) - c0) / wall for p, c0 in gen0.items()
+                            if c0 is not None and cpu_seconds(p) is not None]
+                result["loadgen_cpu_pct"] = max(gen_pcts) if gen_pcts else None
+                result["loadgen_cpu_pct_all"] = gen_pcts
+            result.update({k: v for k, v in ev.items() if k != "ev"})
+            break
+    gen.finish()
+    if workload.name == "idle" and "pss_after_kib" in result and result.get("opened"):
+        n = result["opened"]
+        result["kib_per_conn"] = (result["pss_after_kib"] - pss_before) / n
+        result["kib_per_conn_children"] = (result["pss_children_after_kib"] - pss_before) / n
+    return result
+
+
+def run_workload(kind: str, workload: Workload, quick: bool, profile_out: str | None = None) -> dict:
+    """Start a server, run the workload (its runs), stop the server; the median run."""
+    args = workload.quick_args if quick else workload.args
+    runs = 1 if quick or profile_out else workload.runs
+    server = Server(kind, workload.name, profile_out)
+    results = []
+    try:
+        for i in range(runs):
+            r = run_once(server, workload, args)
+            results.append(r)
+            log(f"{kind} {workload.name} run {i + 1}/{runs}: " + summary(workload, r))
+            if "error" in r:
+                break
+            time.sleep(0.3)  # let the room empty and its child stop between runs
+    finally:
+        status = server.stop()
+    ok = [r for r in results if workload.key in r and "error" not in r]
+    if ok:
+        ok.sort(key=lambda r: r[workload.key])
+        median = dict(ok[(len(ok) - 1) // 2])
+        for k in ("p50_us", "p99_us"):  # latencies: the median of each, run by run
+            if all(k in r for r in ok):
+                median[k] = statistics.median(r[k] for r in ok)
+    else:
+        median = results[-1] if results else {"error": "no run"}
+    median["exit_status"] = status
+    return {"runs": results, "median": median, "server_log": server.log_path}
+
+
+def summary(workload: Workload, r: dict) -> str:
+    if "error" in r:
+        return f"ERROR {r['error']}"
+    cpu = f" server {r.get('server_cpu_pct', 0):.0f}% loadgen {r.get('loadgen_cpu_pct') or 0:.0f}%"
+    if workload.name == "rtt":
+        return f"{r['msg_per_s']:,.0f} msg/s p50 {r['p50_us']:.0f} µs p99 {r['p99_us']:.0f} µs" + cpu
+    if workload.name == "fanout":
+        return f"{r['deliveries_per_s']:,.0f} deliveries/s lost {r['lost']} out-of-order {r['out_of_order']}" + cpu
+    if workload.name == "big":
+        return f"{r['mb_per_s']:.1f} MB/s bad {r['bad']}" + cpu
+    if workload.name == "idle":
+        return (f"{r.get('kib_per_conn', 0):.1f} KiB/conn, opened {r['opened']}/{r['requested']} "
+                f"held {r['held']} reached {r['reached']}")
+    return f"{r['per_s']:,.0f}/s failed {r['failed']}" + cpu
+
+
+# --------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------
+
+def fmt_num(value: float | None) -> str:
+    if value is None:
+        return "?"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+# (workload, row label, figure, show server CPU, how to read the ratio)
+ROWS = [
+    ("rtt", "round trip 64 B: msg/s", "msg_per_s", True),
+    ("rtt", "round trip 64 B: p50 µs (lower is better)", "p50_us", False),
+    ("rtt", "round trip 64 B: p99 µs (lower is better)", "p99_us", False),
+    ("fanout", "fan-out 100x2000: deliveries/s", "deliveries_per_s", True),
+    ("fanout", "fan-out 100x2000: lost msgs", "lost", False),
+    ("big", "1 MiB echo: MB/s", "mb_per_s", True),
+    ("handshake", "handshakes: conn/s", "per_s", True),
+    ("idle", "idle: KiB/conn, server (lower is better)", "kib_per_conn", False),
+    ("idle", "idle: KiB/conn with children", "kib_per_conn_children", False),
+    ("idle", "idle: connections held", "held", False),
+    ("rooms", "new rooms: rooms/s", "per_s", True),
+]
+
+
+def cell(res: dict | None, figure: str, cpu: bool) -> str:
+    if res is None:
+        return "–"
+    m = res["median"]
+    if "error" in m and figure not in m:
+        return "error"
+    if figure == "held":
+        reached = m.get("reached")
+        text = f"{m.get('held', 0)}/{m.get('requested', '?')}"
+        return text + (f" (bcast {reached})" if reached is not None else "")
+    if figure == "lost":
+        return f"{m.get('lost')} (order {m.get('out_of_order')})"
+    text = fmt_num(m.get(figure))
+    if cpu and m.get("server_cpu_pct") is not None:
+        text += f" ({m['server_cpu_pct']:.0f}%)"
+    return text
+
+
+def ratio(a: dict | None, b: dict | None, figure: str) -> str:
+    if a is None or b is None or figure in ("held", "lost"):
+        return "–"
+    x, y = a["median"].get(figure), b["median"].get(figure)
+    if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or y == 0:
+        return "–"
+    return f"{x / y:.2f}x"
+
+
+def print_table(results: dict, quick: bool) -> None:
+    header = ["workload", "scalesocket.py", "websockets", "websocketd", "ss/websockets", "ss/websocketd"]
+    rows = []
+    for name, label, figure, cpu in ROWS:
+        if name not in results:
+            continue
+        per = results[name]
+        if name == "idle":  # the label says how many
+            n = per.get("scalesocket", {}).get("median", {}).get("requested")
+            label = label.replace("idle:", f"idle {n:,}:" if n else "idle:")
+        rows.append([label] + [cell(per.get(s), figure, cpu) for s in SERVERS]
+                    + [ratio(per.get("scalesocket"), per.get("websockets"), figure),
+                       ratio(per.get("scalesocket"), per.get("websocketd"), figure)])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    print()
+    print(f"Results ({'quick' if quick else 'full'} run; medians; (N%) = server CPU during the timed phase,"
+          " 100% = one core busy)")
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for r in rows:
+        print(line(r))
+    # Load generator: its busiest process, to tell whether it was the bottleneck.
+    print()
+    print("Load generator: CPU of its busiest process during the timed phase (near 100% = it may be the bottleneck)")
+    for name, wl in WORKLOADS.items():
+        if name not in results or name == "idle":
+            continue
+        cells = []
+        for s in SERVERS:
+            m = results[name].get(s, {}).get("median") if s in results[name] else None
+            cells.append(f"{s} {m['loadgen_cpu_pct']:.0f}%" if m and m.get("loadgen_cpu_pct") is not None else f"{s} –")
+        print(f"  {name:<10} " + "   ".join(cells))
+    print()
+
+
+# --------------------------------------------------------------------------
+# Profiling.
+# --------------------------------------------------------------------------
+
+def profile(workload: Workload, quick: bool) -> dict:
+    out = f"/tmp/bench-prof-{workload.name}.out"
+    if os.path.exists(out):
+        os.unlink(out)
+    log(f"profiling scalesocket.py on {workload.name} (cProfile slows it: figures are not comparable)")
+    res = run_workload("scalesocket", workload, quick, profile_out=out)
+    status = res["median"]["exit_status"]
+    print(f"\nscalesocket.py exited with status {status} after SIGINT"
+          + ("" if status == 0 else " (expected 0: a clean shutdown)"))
+    if not os.path.exists(out):
+        print(f"no profile written to {out}")
+        return res
+    print(f"profile: {out}; {workload.name}: {summary(workload, res['median'])}\n")
+    stats = pstats.Stats(out, stream=sys.stdout)
+    stats.strip_dirs().sort_stats("tottime").print_stats(25)
+    return res
+
+
+# --------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Benchmark scalesocket.py (see the module docstring).")
+    parser.add_argument("--quick", action="store_true", help="short run: smaller counts, one run each")
+    parser.add_argument("--only", metavar="WORKLOAD[,...]", help=f"run only these: {', '.join(WORKLOADS)}")
+    parser.add_argument("--servers", metavar="NAME[,...]", default=",".join(SERVERS),
+                        help=f"servers to run (default: {','.join(SERVERS)})")
+    parser.add_argument("--json", metavar="FILE", help="write the raw figures of every run to FILE")
+    parser.add_argument("--profile", metavar="WORKLOAD",
+                        help="run scalesocket.py under cProfile on WORKLOAD; print the top 25 by tottime")
+    args = parser.parse_args()
+
+    names = list(WORKLOADS)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if args.profile:
+        names = [args.profile]
+    for n in names:
+        if n not in WORKLOADS:
+            parser.error(f"unknown workload {n!r}; choose from {', '.join(WORKLOADS)}")
+    servers = [s.strip() for s in args.servers.split(",")]
+    for s in servers:
+        if s not in SERVERS:
+            parser.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
+    if not os.path.exists(SCALESOCKET):
+        sys.exit(f"bench: {SCALESOCKET} not found")
+
+    raise_nofile()
+    ensure_node_ws()
+    if args.profile:
+        res = profile(WORKLOADS[args.profile], args.quick)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"profile": args.profile, "result": res}, f, indent=1)
+        return 0
+    if "websockets" in servers and not ensure_venv():
+        servers.remove("websockets")
+    if "websocketd" in servers and not ensure_websocketd():
+        servers.remove("websocketd")
+
+    started = time.monotonic()
+    results: dict = {}
+    for name in names:
+        wl = WORKLOADS[name]
+        results[name] = {}
+        for kind in servers:
+            if kind not in wl.servers:
+                continue
+            try:
+                results[name][kind] = run_workload(kind, wl, args.quick)
+            except RuntimeError as exc:
+                log(f"{kind} {name}: {exc}")
+                results[name][kind] = {"runs": [], "median": {"error": str(exc)}}
+    elapsed = time.monotonic() - started
+
+    print_table(results, args.quick)
+    print(f"took {elapsed:.0f} s")
+    if args.json:
+        meta = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "quick": args.quick,
+            "python": platform.python_version(),
+            "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip(),
+            "cpus": os.cpu_count(),
+            "git": subprocess.run(["git", "-C", REPO_DIR, "rev-parse", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip(),
+            "elapsed_s": elapsed,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+        log(f"raw figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
