@@ -23,6 +23,7 @@ import codecs
 import collections
 import email.utils
 import enum
+import fcntl
 import hashlib
 import http
 import json
@@ -34,7 +35,9 @@ import signal
 import ssl
 import struct
 import sys
+import termios
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 
 __version__ = "0.1.0"
@@ -70,6 +73,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # --handshaketimeout: seconds to send a whole 
 DEFAULT_MAX_CLIENTS = 10000  # --maxclients: WebSocket clients at once
 DEFAULT_MAX_BACKLOG = 8 * 1024 * 1024  # --maxbacklog: bytes a client may leave unread
 DEFAULT_PING = 20.0  # --ping: seconds between keepalive pings
+DEFLATE_MIN_SIZE = 128  # smaller messages are sent uncompressed (RFC 7692 allows either)
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's side of a closing handshake
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child
 EXIT_DRAIN = 1.0  # seconds after a child's exit for what it started to let go of its output
@@ -361,7 +365,7 @@ class FrameParser:
                 head += 4
             if end - pos < head + length:
                 mask = bytes(buf[pos + head - 4 : pos + head]) if self.masked else b""
-                self._partial = (opcode, head, mask)
+                self._partial = (b0, head, mask)
                 break
             payload = bytes(buf[pos + head : pos + head + length])
             if self.masked:
@@ -375,7 +379,12 @@ class FrameParser:
     @property
     def partial_opcode(self) -> int | None:
         """The opcode of a frame whose payload is still arriving, or None."""
-        return None if self._partial is None else self._partial[0]
+        return None if self._partial is None else self._partial[0] & 0x0F
+
+    @property
+    def partial_compressed(self) -> bool:
+        """Whether the frame still arriving has RSV1 (compressed) set."""
+        return self._partial is not None and bool(self._partial[0] & 0x40)
 
     def partial_payload(self, start: int) -> bytes:
         """Return the payload received so far of the frame still arriving,
@@ -387,6 +396,115 @@ class FrameParser:
             shift = start % 4
             data = apply_mask(data, mask[shift:] + mask[:shift])
         return data
+
+
+def inflate(inflater, data: bytes, final: bool, limit: int) -> bytes:
+    """Inflate one fragment of a compressed message (RFC 7692 §7.2.2).
+
+    Raises:
+        MessageTooBig: the message inflates to more than ``limit`` more bytes
+            (a zip bomb is stopped here, with no more than ``limit`` in memory).
+        ProtocolError: the data is not valid deflate.
+    """
+    try:
+        out = inflater.decompress(data, limit + 1)
+        if final and not inflater.unconsumed_tail:
+            out += inflater.decompress(b"\x00\x00\xff\xff", limit + 1 - len(out))
+    except zlib.error:
+        raise ProtocolError("compressed message is not valid deflate") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise MessageTooBig("message inflates past the size limit")
+    return out
+
+
+_compressors: dict[int, object] = {}  # one per window size, shared by every connection
+
+
+def deflate(payload: bytes, window_bits: int) -> bytes:
+    """Compress one message with no context takeover (RFC 7692 §7.2.1).
+
+    A full flush after each message resets the compressor, so no message
+    refers back to an earlier one: the same bytes suit every client that
+    negotiated this window size, and one compressor serves them all.
+    """
+    compressor = _compressors.get(window_bits)
+    if compressor is None:
+        compressor = _compressors[window_bits] = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return data[:-4]  # the flush ends in 00 00 ff ff, which the peer adds back
+
+
+def encode_messages(messages: list[tuple[int, bytes]], window_bits: int | None = None) -> bytes:
+    """Encode (opcode, payload) messages as server frames, compressed when the
+    client negotiated permessage-deflate (``window_bits``) and it pays off."""
+    if window_bits is None:
+        return b"".join(encode_frame(opcode, payload) for opcode, payload in messages)
+    return b"".join(
+        encode_frame(opcode, deflate(payload, window_bits), rsv1=True) if len(payload) >= DEFLATE_MIN_SIZE
+        else encode_frame(opcode, payload)
+        for opcode, payload in messages
+    )
+
+
+class PerMessageDeflate:
+    """permessage-deflate (RFC 7692) as this server runs it.
+
+    The server always answers with server_no_context_takeover and
+    client_no_context_takeover: every message is compressed on its own, so a
+    broadcast is compressed once for all clients with the same window size,
+    and an idle connection holds no zlib state at all.
+    """
+
+    def __init__(self, window_bits: int = zlib.MAX_WBITS) -> None:
+        self.window_bits = window_bits  # of the server's compressor
+
+    @classmethod
+    def negotiate(cls, header: str) -> tuple[PerMessageDeflate, str] | None:
+        """Accept the first permessage-deflate offer this server supports.
+
+        Returns the extension and the Sec-WebSocket-Extensions answer, or
+        None: offers with unknown, repeated or malformed parameters are
+        declined, and so is server_max_window_bits=8, which zlib cannot do.
+        """
+        for offer in header.split(","):
+            name, *params = [part.strip() for part in offer.split(";")]
+            if name.lower() != "permessage-deflate":
+                continue
+            seen: dict[str, str] = {}
+            for param in params:
+                key, _, value = param.partition("=")
+                key, value = key.strip().lower(), value.strip().strip('"')
+                if key in seen:
+                    break
+                seen[key] = value
+            else:
+                window_bits = cls._window_bits(seen)
+                if window_bits is None:
+                    continue
+                answer = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+                if "server_max_window_bits" in seen:
+                    answer += f"; server_max_window_bits={window_bits}"
+                return cls(window_bits), answer
+        return None
+
+    @staticmethod
+    def _window_bits(params: dict[str, str]) -> int | None:
+        window_bits = zlib.MAX_WBITS
+        for key, value in params.items():
+            if key in ("server_no_context_takeover", "client_no_context_takeover"):
+                if value:
+                    return None
+            elif key == "server_max_window_bits":
+                if not (value.isdigit() and 9 <= int(value) <= 15):
+                    return None
+                window_bits = int(value)
+            elif key == "client_max_window_bits":
+                # The server inflates with a 32 KiB window, which reads any smaller one.
+                if value and not (value.isdigit() and 8 <= int(value) <= 15):
+                    return None
+            else:
+                return None
+        return window_bits
 
 
 class State(enum.Enum):
@@ -416,10 +534,14 @@ class WebSocketProtocol:
     state becomes CLOSED.
     """
 
-    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE, *, client: bool = False) -> None:
+    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE, *, client: bool = False,
+                 deflate: PerMessageDeflate | None = None) -> None:
         self.max_size = max_size
         self.state = State.OPEN
         self.parser = FrameParser(max_size, masked=not client)
+        self.deflate = deflate  # negotiated permessage-deflate, or None
+        self.parser.allow_rsv1 = deflate is not None
+        self._inflater = None  # inflates the compressed message being received
         self.client = client
         self.close_code: int | None = None  # from the peer's close frame
         self.close_reason = ""
@@ -459,8 +581,8 @@ class WebSocketProtocol:
         opcode = self.parser.partial_opcode
         if opcode == Opcode.CONT:
             opcode = self._frag_opcode
-        if opcode != Opcode.TEXT:
-            return
+        if opcode != Opcode.TEXT or self._inflater is not None or self.parser.partial_compressed:
+            return  # compressed bytes are checked once inflated
         data = self.parser.partial_payload(self._partial_checked)
         if not data:
             return
@@ -497,6 +619,12 @@ class WebSocketProtocol:
             opcode = self._frag_opcode
         elif self._frag_opcode is not None:
             raise ProtocolError("new message before the fragmented one ended")
+        elif frame.rsv1:
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        if self._inflater is not None:
+            payload = inflate(self._inflater, payload, frame.fin, self.max_size - len(self._frag_buf))
+            if frame.fin:
+                self._inflater = None
         size = len(self._frag_buf) + len(payload)
         if size > self.max_size:
             raise MessageTooBig(f"message exceeds the limit of {self.max_size} bytes")
@@ -682,8 +810,9 @@ def is_websocket_upgrade(request: Request) -> bool:
     return "websocket" in request.header_tokens("upgrade")
 
 
-def handshake_response(request: Request) -> bytes:
-    """Validate an opening handshake (RFC 6455 §4.2.1) and return the 101 response.
+def handshake_response(request: Request, compression: bool = True) -> tuple[bytes, PerMessageDeflate | None]:
+    """Validate an opening handshake (RFC 6455 §4.2.1); return the 101 response
+    and the negotiated permessage-deflate (None if not offered, supported or allowed).
 
     Raises:
         MethodNotAllowed: the method is not GET.
@@ -710,7 +839,14 @@ def handshake_response(request: Request) -> bytes:
         ("Connection", "Upgrade"),
         ("Sec-WebSocket-Accept", accept_key(key)),
     ]
-    return render_response(101, headers)
+    deflate = None
+    offer = request.headers.get("sec-websocket-extensions")
+    if compression and offer:
+        negotiated = PerMessageDeflate.negotiate(offer)
+        if negotiated is not None:
+            deflate, answer = negotiated
+            headers.append(("Sec-WebSocket-Extensions", answer))
+    return render_response(101, headers), deflate
 
 
 def check_origin(request: Request, origins: frozenset[str] | None, same_origin: bool) -> None:
@@ -849,11 +985,20 @@ class Config:
     same_origin: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
+    compression: bool = True  # negotiate permessage-deflate when a client offers it
+    pty: bool = False  # run the child on a pseudo-terminal
+    devconsole: bool = False  # serve the built-in console page at /
 
 
 def child_env(config: Config, room: str, request: Request) -> dict[str, str]:
     """Return the child's environment: --passenv variables plus CGI-like ones."""
     env = {name: os.environ[name] for name in config.passenv if name in os.environ}
+    # Python children flush every write, so their output is not held back in a
+    # pipe buffer; naming PYTHONUNBUFFERED in --passenv leaves it to the server's.
+    if "PYTHONUNBUFFERED" not in config.passenv:
+        env["PYTHONUNBUFFERED"] = "1"
+    if config.pty and "TERM" not in config.passenv:
+        env["TERM"] = "xterm-256color"
     env["ROOM"] = room
     env["QUERY_STRING"] = request.query
     env["REMOTE_ADDR"] = request.remote_addr
@@ -1028,6 +1173,32 @@ class PortPool:
         self._free.append(port)
 
 
+def open_pty() -> tuple[int, int]:
+    """Open a pseudo-terminal for a child: (master, slave), echo off, 24x80.
+
+    On a terminal, C stdio and most programs flush every line; with echo off,
+    what clients send does not come back as output.
+    """
+    master, slave = os.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    return master, slave
+
+
+async def _connect_pty(master: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.BaseTransport]:
+    """Wrap a pty master in streams: (output reader, input writer, read transport)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_CHUNK)
+    read_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(master, "rb", buffering=0))
+    write_transport, write_protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(os.dup(master), "wb", buffering=0))
+    writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
+    return reader, writer, read_transport
+
+
 class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
     """The asyncio subprocess protocol, plus a future that is done when the child
     exits, whoever still holds its pipes."""
@@ -1059,6 +1230,7 @@ class Room:
         self.proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future | None = None  # done when the child has exited
         self._transport: asyncio.SubprocessTransport | None = None
+        self._holder: asyncio.BaseTransport | None = None
         self.port: int | None = None
         self.ended = False  # no client may join once the child is gone or going
         self.starting: asyncio.Task | None = None
@@ -1083,17 +1255,22 @@ class Room:
         """
         config = self.config
         loop = asyncio.get_running_loop()
+        stdin = stdout = stderr = asyncio.subprocess.PIPE
         if config.tcp:
             self.port = self.hub.ports.take()
             env["PORT"] = str(self.port)
+            stdin = asyncio.subprocess.DEVNULL
+        elif config.pty:
+            master, stdin = open_pty()
+            stdout = stderr = stdin  # all three on the terminal, as in a terminal window
         try:
             transport, protocol = await loop.subprocess_exec(
                 lambda: _ChildProtocol(loop),
                 config.cmd,
                 *config.args,
-                stdin=asyncio.subprocess.DEVNULL if config.tcp else asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
                 env=env,
                 # Own session and process group: a Ctrl-C on the server's
                 # terminal reaches only the server, which stops every child in
@@ -1102,12 +1279,18 @@ class Room:
             )
         except OSError as exc:
             self._release_port()
+            if config.pty:
+                os.close(master)
             raise ProcessSpawnError(f"cannot start {config.cmd}: {exc.strerror or exc}") from None
+        finally:
+            if config.pty:
+                os.close(stdin)  # the child has its own copy of the terminal's side
         self.proc = asyncio.subprocess.Process(transport, protocol, loop)
         self._transport = transport
         self._exited = protocol.exited
         self.hub.on_child_start(self)
-        self._tasks.append(loop.create_task(self._pump_log(self.proc.stderr, "stderr")))
+        if self.proc.stderr is not None:
+            self._tasks.append(loop.create_task(self._pump_log(self.proc.stderr, "stderr")))
         if config.tcp:
             self._tasks.append(loop.create_task(self._pump_log(self.proc.stdout, "stdout")))
             try:
@@ -1115,11 +1298,16 @@ class Room:
             except ProcessSpawnError:
                 await self._kill()
                 raise
+        elif config.pty:
+            output, self._input, holder = await _connect_pty(master)
         else:
             output, self._input = self.proc.stdout, self.proc.stdin
         self._output = output
-        # What to close if the output outlives the child: its stdout pipe, or the TCP connection.
-        holder = self._input.transport if config.tcp else transport.get_pipe_transport(1)
+        # What to close if the output outlives the child: its stdout pipe, or
+        # the TCP connection, or the terminal.
+        if not config.pty:
+            holder = self._input.transport if config.tcp else transport.get_pipe_transport(1)
+        self._holder = holder
         self._tasks.append(loop.create_task(self._watch_exit(holder)))
 
     async def _watch_exit(self, holder: asyncio.BaseTransport) -> None:
@@ -1188,7 +1376,9 @@ class Room:
             self._killed = True
             if self._input is not None and not self._input.is_closing():
                 self._input.close()
-            for signum in (signal.SIGTERM, signal.SIGKILL):
+            # On a terminal, a hangup is what ends a session (shells ignore SIGTERM).
+            first = signal.SIGHUP if self.config.pty else signal.SIGTERM
+            for signum in (first, signal.SIGKILL):
                 try:
                     os.killpg(proc.pid, signum)
                 except (ProcessLookupError, PermissionError):
@@ -1197,14 +1387,16 @@ class Room:
                     await asyncio.wait_for(asyncio.shield(self._exited), KILL_GRACE)
                     break
                 except asyncio.TimeoutError:
-                    if signum == signal.SIGTERM:
-                        log.warning("room %r: child %d ignored SIGTERM, killing it", self.name, proc.pid,
+                    if signum == first:
+                        log.warning("room %r: child %d ignored %s, killing it", self.name, proc.pid, first.name,
                                     extra={"room": self.name})
             # A grandchild may still hold the pipes open; the pumps do not wait for it.
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
             self._transport.close()
+            if self._holder is not None:
+                self._holder.close()
             log.info("room %r: child %d stopped", self.name, proc.pid, extra={"room": self.name})
             self.hub.totals["children_stopped"] += 1
         self._release_port()
@@ -1268,20 +1460,32 @@ class Room:
 
     # Child to clients.
 
-    def broadcast(self, data: bytes, count: int = 1) -> None:
-        """Write ``count`` encoded frames to every client of the room."""
-        for client in self.clients.values():
-            client.send(data)
-        self.stats["messages_out"] += count * len(self.clients)
-        self.stats["bytes_out"] += len(data) * len(self.clients)
+    def broadcast(self, messages: list[tuple[int, bytes]]) -> None:
+        """Send (opcode, payload) messages to every client of the room.
 
-    def send_to(self, conn_id: int, frame: bytes) -> None:
-        """Write one encoded frame to one client of the room, if it is here."""
+        They are encoded once per kind of client (plain, or deflate with a
+        given window) and the same bytes are written to each.
+        """
+        encoded: dict[int | None, bytes] = {}
+        sent = 0
+        for client in self.clients.values():
+            key = client.window_bits
+            data = encoded.get(key)
+            if data is None:
+                data = encoded[key] = encode_messages(messages, key)
+            client.send(data)
+            sent += len(data)
+        self.stats["messages_out"] += len(messages) * len(self.clients)
+        self.stats["bytes_out"] += sent
+
+    def send_to(self, conn_id: int, opcode: int, payload: bytes) -> None:
+        """Send one message to one client of the room, if it is here."""
         client = self.clients.get(conn_id)
         if client is not None:
-            client.send(frame)
+            data = encode_messages([(opcode, payload)], client.window_bits)
+            client.send(data)
             self.stats["messages_out"] += 1
-            self.stats["bytes_out"] += len(frame)
+            self.stats["bytes_out"] += len(data)
 
     def _deliver(self, chunk: bytes) -> None:
         """Cut child output into messages and send them where they go."""
@@ -1290,10 +1494,10 @@ class Room:
             self._deliver_gwsocket(chunk)
             return
         if config.binary and config.serverframe is None:
-            frame = encode_frame(Opcode.BINARY, chunk)
+            message = (Opcode.BINARY, chunk)
             if self.cache is not None and not config.cache_tagged:
-                self.cache.append(frame)
-            self.broadcast(frame)
+                self.cache.append(message)
+            self.broadcast([message])
             return
         buf = self._out
         if self._no_delimiter(chunk) and len(buf) + len(chunk) <= config.max_size:
@@ -1317,24 +1521,24 @@ class Room:
         routed = self.config.serverframe == "json"
         cache = self.cache
         cache_all = cache is not None and not self.config.cache_tagged
-        pending = []  # broadcast frames, written to each client in one go
+        pending = []  # broadcasts, encoded and written to each client in one go
         for line in lines:
             route = from_child(line) if routed else _EVERYONE
             if route.meta is not None:
                 self.metadata = route.meta
                 continue
-            frame = encode_frame(Opcode.TEXT, text_payload(line))
+            message = (Opcode.TEXT, text_payload(line))
             if route.to is None:
-                pending.append(frame)
+                pending.append(message)
                 if cache_all or route.cache and cache is not None:
-                    cache.append(frame)
+                    cache.append(message)
                 continue
             if pending:
-                self.broadcast(b"".join(pending), len(pending))
+                self.broadcast(pending)
                 pending = []
-            self.send_to(route.to, frame)
+            self.send_to(route.to, *message)
         if pending:
-            self.broadcast(b"".join(pending), len(pending))
+            self.broadcast(pending)
 
     def _deliver_gwsocket(self, chunk: bytes) -> None:
         buf = self._out
@@ -1344,15 +1548,15 @@ class Room:
         cache_all = self.cache is not None and not self.config.cache_tagged
         for to, kind, payload in messages:
             if kind == 1:
-                frame = encode_frame(Opcode.TEXT, text_payload(payload))
+                message = (Opcode.TEXT, text_payload(payload))
             else:
-                frame = encode_frame(Opcode.BINARY, payload)
+                message = (Opcode.BINARY, payload)
             if to:
-                self.send_to(to, frame)
+                self.send_to(to, *message)
                 continue
             if cache_all:
-                self.cache.append(frame)
-            self.broadcast(frame)
+                self.cache.append(message)
+            self.broadcast([message])
 
     async def _pump_output(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -1370,8 +1574,8 @@ class Room:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        except ConnectionError:
-            pass  # TCP mode: the child reset the connection; its exit follows
+        except OSError:
+            pass  # the child reset the TCP connection, or left the terminal (EIO); its exit follows
         await self._exited
         self.hub.on_child_exit(self, self.proc.returncode)
 
@@ -1531,6 +1735,7 @@ class Client:
         self.transport = writer.transport
         self.protocol = protocol
         self.room: Room | None = None
+        self.window_bits = protocol.deflate.window_bits if protocol.deflate else None  # how to encode for it
         self.max_backlog = max_backlog
         self.last_seen = asyncio.get_running_loop().time()  # when the peer last sent anything
         self.waiting = False  # on a child that is behind: not read, so silent through no fault
@@ -1667,6 +1872,81 @@ def api_response(hub: Hub, path: str):
 ###############################################################################
 # 7. Server and CLI ###########################################################
 ###############################################################################
+
+
+DEVCONSOLE_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>scalesocket.py console</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
+header, footer { display: flex; gap: .5em; padding: .5em; background: #eee; align-items: center; }
+#log { flex: 1; overflow-y: auto; margin: 0; padding: .5em; font: 13px/1.35 ui-monospace, monospace; white-space: pre-wrap; }
+.in { color: #06c; } .out { color: #222; } .info { color: #888; font-style: italic; }
+#line { flex: 1; font: inherit; }
+</style>
+</head>
+<body>
+<header>
+<label>room <input id="room" size="16"></label>
+<button id="connect">connect</button>
+<span id="status" class="info">not connected</span>
+</header>
+<pre id="log"></pre>
+<footer>
+<input id="line" placeholder="a line to send; Enter sends it" disabled>
+<label><input id="binary" type="checkbox"> binary</label>
+</footer>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let ws = null;
+function show(text, kind) {
+  const row = document.createElement("div");
+  row.className = kind;
+  row.textContent = text;
+  $("log").append(row);
+  $("log").scrollTop = $("log").scrollHeight;
+}
+function hex(buffer) {
+  return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join(" ");
+}
+function connect() {
+  if (ws) ws.close();
+  const room = $("room").value.trim() || "lobby";
+  history.replaceState(null, "", "?room=" + encodeURIComponent(room));
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  ws = new WebSocket(scheme + "://" + location.host + "/" + encodeURIComponent(room));
+  ws.binaryType = "arraybuffer";
+  $("status").textContent = "connecting to " + room + "...";
+  ws.onopen = () => {
+    $("status").textContent = "connected to " + room;
+    $("line").disabled = false;
+    $("line").focus();
+  };
+  ws.onmessage = (e) => show(typeof e.data === "string" ? e.data : "[binary] " + hex(e.data), "out");
+  ws.onclose = (e) => {
+    $("status").textContent = "closed";
+    $("line").disabled = true;
+    show("closed: " + e.code + (e.reason ? " " + e.reason : ""), "info");
+  };
+}
+$("room").value = new URLSearchParams(location.search).get("room") || "lobby";
+$("connect").onclick = connect;
+$("room").onkeydown = (e) => { if (e.key === "Enter") connect(); };
+$("line").onkeydown = (e) => {
+  if (e.key !== "Enter" || !ws || ws.readyState !== WebSocket.OPEN) return;
+  const text = e.target.value;
+  ws.send($("binary").checked ? new TextEncoder().encode(text) : text);
+  show("> " + text, "in");
+  e.target.value = "";
+};
+connect();
+</script>
+</body>
+</html>
+"""
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
@@ -1806,6 +2086,8 @@ class Server:
             body, ctype = b'{"status":"ok"}', "application/json"
         elif path == "/metrics" and self.config.metrics:
             body, ctype = render_openmetrics(self.hub).encode("utf-8"), OPENMETRICS_TYPE
+        elif path == "/" and self.config.devconsole:
+            body, ctype = DEVCONSOLE_PAGE.encode("utf-8"), "text/html; charset=utf-8"
         elif (path == "/api" or path.startswith("/api/")) and self.config.api:
             value = api_response(self.hub, path)
             body, ctype = json.dumps(value, ensure_ascii=False).encode("utf-8"), "application/json"
@@ -1851,10 +2133,10 @@ class Server:
         if self.config.rooms is not None and room_name not in self.config.rooms:
             raise BadRequest(f"room {room_name!r} is not one of --rooms")
         check_origin(request, self.config.origins, self.config.same_origin)
-        response = handshake_response(request)
+        response, deflate = handshake_response(request, self.config.compression)
         if len(self.clients) >= self.config.max_clients:
             raise ServiceUnavailable(f"too many clients (at most {self.config.max_clients})", [("Retry-After", "5")])
-        protocol = WebSocketProtocol(self.config.max_size)
+        protocol = WebSocketProtocol(self.config.max_size, deflate=deflate)
         client = Client(self.hub.new_client_id(), request, writer, protocol, self.config.max_backlog)
         self.clients.add(client)
         try:
@@ -1878,7 +2160,7 @@ class Server:
         # cache come before every live message, and none comes twice.
         writer.write(response)
         if room.cache:
-            writer.write(b"".join(room.cache))
+            writer.write(encode_messages(list(room.cache), client.window_bits))
         if self.config.joinmsg is not None:
             text = render_template(self.config.joinmsg, client.id, room_name, request)
             await room.send_to_child(line_to_child(text, client.id, self.config), client)
@@ -2086,6 +2368,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sameorigin", action="store_true", help="allow a browser Origin only if it matches the Host header")
     add("--tlscert", metavar="FILE", help="serve wss:// and https:// with this certificate chain (PEM)")
     add("--tlskey", metavar="FILE", help="the private key for --tlscert (PEM)")
+    add("--compression", choices=("on", "off"), default="on",
+        help="permessage-deflate for clients that offer it (default: on)")
+    add("--pty", action="store_true",
+        help="run the child on a pseudo-terminal (echo off), so it flushes every line")
+    add("--devconsole", action="store_true",
+        help="serve a built-in page at / to try the server from a browser")
     add("--log", choices=("text", "json"), default="text", help="log format, to stderr (default: text)")
     add("-v", "--verbose", action="count", default=0, help="more log detail; -vv logs every message")
     add("-V", "--version", action="version", version=f"scalesocket.py {__version__}")
@@ -2128,6 +2416,10 @@ def parse_args(argv: list[str]) -> Config:
         parser.error("argument --cachepersist: needs --cache")
     if ns.staticdir is not None and not os.path.isdir(ns.staticdir):
         parser.error(f"argument --staticdir: {ns.staticdir!r} is not a directory")
+    if ns.pty and ns.tcp:
+        conflict("--tcp", "--pty")
+    if ns.devconsole and ns.staticdir:
+        conflict("--staticdir", "--devconsole")
     if bool(ns.tlscert) != bool(ns.tlskey):
         parser.error("argument --tlscert: --tlscert and --tlskey go together")
     frame = "json" if ns.json else ns.frame
@@ -2169,6 +2461,9 @@ def parse_args(argv: list[str]) -> Config:
         same_origin=ns.sameorigin,
         tls_cert=ns.tlscert,
         tls_key=ns.tlskey,
+        compression=ns.compression == "on",
+        pty=ns.pty,
+        devconsole=ns.devconsole,
     )
     if config.tls_cert:
         try:

@@ -69,9 +69,11 @@ class HandshakeFailed(Exception):
 class WSClient:
     """A blocking WebSocket client built on the module's own sans-I/O protocol."""
 
-    def __init__(self, sock: socket.socket, rest: bytes, max_size: int = 1 << 30) -> None:
+    def __init__(self, sock: socket.socket, rest: bytes, max_size: int = 1 << 30, head: str = "") -> None:
         self.sock = sock
-        self.protocol = ss.WebSocketProtocol(max_size, client=True)
+        self.head = head  # the server's 101 response
+        deflate = ss.PerMessageDeflate() if "permessage-deflate" in head else None
+        self.protocol = ss.WebSocketProtocol(max_size, client=True, deflate=deflate)
         self.messages: collections.deque = collections.deque()
         if rest:
             self._feed(rest)
@@ -178,7 +180,7 @@ def ws_connect(host: str, port: int, path: str = "/room", headers: dict | None =
         sock.close()
         raise HandshakeFailed(status, head_text, rest)
     assert f"\r\nSec-WebSocket-Accept: {ss.accept_key(key)}\r\n" in head_text + "\r\n"
-    return WSClient(sock, rest)
+    return WSClient(sock, rest, head=head_text)
 
 
 def raw_request(port: int, data: bytes) -> bytes:
@@ -613,7 +615,9 @@ def test_parse_request_and_handshake():
     request = ss.parse_request(UPGRADE.encode())
     assert (request.method, request.path, request.query) == ("GET", "/chat", "x=1")
     assert ss.is_websocket_upgrade(request)
-    response = ss.handshake_response(request).decode()
+    response, deflate = ss.handshake_response(request)
+    response = response.decode()
+    assert deflate is None and "Extensions" not in response
     assert response.startswith("HTTP/1.1 101 Switching Protocols\r\n")
     assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
 
@@ -1047,7 +1051,7 @@ def test_child_environment_is_minimal(serve, monkeypatch):
     assert env["QUERY_STRING"] == "x=1&y=%3B"
     assert env["REMOTE_ADDR"] == "127.0.0.1"
     assert "SCALESOCKET_TEST_SECRET" not in env
-    assert set(env) <= {"ROOM", "QUERY_STRING", "REMOTE_ADDR", "PATH", "DYLD_LIBRARY_PATH", "LC_CTYPE"}
+    assert set(env) <= {"ROOM", "QUERY_STRING", "REMOTE_ADDR", "PATH", "DYLD_LIBRARY_PATH", "LC_CTYPE", "PYTHONUNBUFFERED"}
     a.close()
 
 
@@ -1540,7 +1544,7 @@ def test_passenv(serve, monkeypatch):
     a = server.connect("/r")
     env = a.recv_json()
     assert env["GAME_MODE"] == "hard" and "SECRET_TOKEN" not in env
-    assert set(env) - {"LC_CTYPE"} == {"GAME_MODE", "PATH", "ROOM", "QUERY_STRING", "REMOTE_ADDR"}
+    assert set(env) - {"LC_CTYPE"} == {"GAME_MODE", "PATH", "ROOM", "QUERY_STRING", "REMOTE_ADDR", "PYTHONUNBUFFERED"}
     a.close()
 
 
@@ -1782,6 +1786,11 @@ options:
   --tlscert FILE              serve wss:// and https:// with this certificate chain
                               (PEM)
   --tlskey FILE               the private key for --tlscert (PEM)
+  --compression {on,off}      permessage-deflate for clients that offer it (default: on)
+  --pty                       run the child on a pseudo-terminal (echo off), so it
+                              flushes every line
+  --devconsole                serve a built-in page at / to try the server from a
+                              browser
   --log {text,json}           log format, to stderr (default: text)
   -v, --verbose               more log detail; -vv logs every message
   -V, --version               show program's version number and exit
@@ -2116,6 +2125,198 @@ def test_fuzz_request_parser(seed):
                 pass
         assert ss.resolve_static(HERE, request.path) in (None,) or ss.resolve_static(HERE, request.path).startswith(HERE)
         ss.not_modified_since(request.headers.get("if-modified-since"), 0)
+
+
+###############################################################################
+# Compression, unbuffered children, pty, dev console ##########################
+###############################################################################
+
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+
+
+@pytest.mark.parametrize(
+    "offer, answer",
+    [
+        ("permessage-deflate", "permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+        ("permessage-deflate; client_max_window_bits", "permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+        ("permessage-deflate; server_max_window_bits=10; client_no_context_takeover",
+         "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10"),
+        ("x-webkit-deflate-frame, permessage-deflate; server_no_context_takeover",
+         "permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+        ("permessage-deflate; server_max_window_bits=8, permessage-deflate",
+         "permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+        ("permessage-deflate; unknown_param", None),
+        ("permessage-deflate; server_max_window_bits=16", None),
+        ("permessage-deflate; server_max_window_bits", None),
+        ("permessage-deflate; server_no_context_takeover; server_no_context_takeover", None),
+        ("permessage-deflate; client_max_window_bits=7", None),
+        ("x-webkit-deflate-frame", None),
+    ],
+)
+def test_deflate_negotiation(offer, answer):
+    """Supported offers get a no-context-takeover answer; unsupported ones are declined, not failed."""
+    negotiated = ss.PerMessageDeflate.negotiate(offer)
+    assert (negotiated[1] if negotiated else None) == answer
+
+
+@pytest.mark.parametrize("window_bits", [9, 12, 15])
+def test_deflate_round_trip_and_independent_messages(window_bits):
+    """Each compressed message inflates alone (no context takeover), whatever came before."""
+    import zlib
+
+    messages = [b"hello " * 50, b"hello " * 50, bytes(range(256)) * 4]
+    for payload in messages:
+        compressed = ss.deflate(payload, window_bits)
+        fresh = zlib.decompressobj(-window_bits)
+        assert ss.inflate(fresh, compressed, True, 10**6) == payload
+
+
+def test_inflate_stops_a_zip_bomb():
+    """A small compressed message that inflates past the limit raises MessageTooBig (1009)."""
+    import zlib
+
+    bomb = ss.deflate(bytes(50 * 2**20), 15)
+    assert len(bomb) < 100 * 1024
+    with pytest.raises(ss.MessageTooBig):
+        ss.inflate(zlib.decompressobj(-15), bomb, True, 2**20)
+
+
+def test_deflate_end_to_end_and_zip_bomb(serve):
+    """A client offering deflate gets compressed frames it can read; a zip bomb gets 1009."""
+    server = serve("--maxsize", "1000000", "--frame=gwsocket", "cat")
+    a = server.connect("/r", headers={"Sec-WebSocket-Extensions": DEFLATE_OFFER})
+    assert "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover" in a.head
+    text = "compress me " * 100
+    a.send_raw(Frame(Opcode.TEXT, ss.deflate(text.encode(), 15), rsv1=True).serialize(MASK))
+    wire = a.sock.recv(65536)
+    first = FrameParser(masked=False)
+    first.allow_rsv1 = True
+    frame = first.feed(wire)[0]
+    assert frame.rsv1 and len(frame.payload) < len(text) // 4  # compressed on the way back
+    a.protocol.receive_data(wire)
+    assert a.protocol.events_received() == [ss.Message(Opcode.TEXT, text.encode())]
+    a.send_text("short")  # small messages travel uncompressed
+    assert a.recv_text() == "short"
+    a.send_raw(Frame(Opcode.BINARY, ss.deflate(bytes(20 * 2**20), 15), rsv1=True).serialize(MASK))
+    assert a.recv_close()[0] == 1009
+
+
+def test_broadcast_is_compressed_once(serve, monkeypatch):
+    """One message to three deflate clients (and one plain) is compressed once, the same bytes to each."""
+    calls = []
+    real = ss.deflate
+    monkeypatch.setattr(ss, "deflate", lambda payload, bits: calls.append(bits) or real(payload, bits))
+    server = serve(*py_child(ECHO))
+    clients = [server.connect("/r", headers={"Sec-WebSocket-Extensions": DEFLATE_OFFER}) for _ in range(3)]
+    plain = server.connect("/r")
+    clients[0].send_text("x" * 1000)
+    for client in clients + [plain]:
+        assert client.recv_text() == "x" * 1000
+    assert calls == [15]
+    for client in clients + [plain]:
+        client.close()
+
+
+def test_compression_off(serve):
+    """--compression off declines every offer."""
+    server = serve("--compression", "off", *py_child(ECHO))
+    a = server.connect("/r", headers={"Sec-WebSocket-Extensions": DEFLATE_OFFER})
+    assert "Extensions" not in a.head
+    a.send_text("y" * 500)
+    assert a.recv_text() == "y" * 500
+    a.close()
+
+
+# A child with default buffering: it answers each line, then waits for the next.
+BUFFERED_ANSWER = "import sys\nfor line in sys.stdin:\n    print('got', line.strip())\n"
+
+
+def test_python_children_are_unbuffered_by_default(serve):
+    """A Python child that does not flush still answers at once (PYTHONUNBUFFERED=1)."""
+    server = serve(sys.executable, "--", "-c", BUFFERED_ANSWER)
+    a = server.connect("/r")
+    a.send_text("one")
+    assert a.recv_text() == "got one"  # while the child is alive and waiting for more
+    a.close()
+
+
+@pytest.mark.skipif(shutil.which("sed") is None, reason="needs sed (a C stdio program)")
+def test_pty_makes_c_stdio_and_python_flush_lines(serve):
+    """--pty: sed (C stdio) and a buffered Python answer each line at once; no echo of input."""
+    server = serve("--pty", "sed", "--", "-e", "s/^/sed: /")
+    a = server.connect("/r")
+    a.send_text("one")
+    assert a.recv_text() == "sed: one"  # not "one": echo is off
+    a.send_text("two")
+    assert a.recv_text() == "sed: two"
+    a.close()
+    server = serve("--pty", "--passenv", "PATH,PYTHONUNBUFFERED", sys.executable, "--", "-c",
+                   BUFFERED_ANSWER + "import os\nprint(os.isatty(1))")
+    a = server.connect("/r")
+    a.send_text("three")
+    assert a.recv_text() == "got three"
+    a.close()
+
+
+def test_pty_binary_mode_runs_a_terminal_program(serve):
+    """--pty --binary: raw bytes both ways, a real terminal (tty, 24x80, TERM) for the child."""
+    code = "import os, sys\nos.write(1, ('%s %s %s\\n' % (os.isatty(0), os.get_terminal_size(1).columns, os.environ['TERM'])).encode())\nsys.stdin.readline()"
+    server = serve("--pty", "--binary", *py_child(code))
+    a = server.connect("/r")
+    out = b""
+    while not out.endswith(b"\r\n"):
+        opcode, data = a.recv()
+        assert opcode == Opcode.BINARY
+        out += data
+    assert out == b"True 80 xterm-256color\r\n"
+    a.close()
+
+
+def test_pty_child_is_stopped_with_a_hangup(serve):
+    """--pty: when the room empties, a shell on the terminal is ended by SIGHUP, not left running."""
+    server = serve("--pty", "--binary", "sh", "--", "-i")
+    a = server.connect("/r")
+    a.send_binary(b"echo pid=$$\n")
+    out = b""
+    while b"pid=" not in out or not out.rstrip().endswith(b"#") and b"\n" not in out.split(b"pid=")[1]:
+        out += a.recv()[1]
+    pid = int(re.search(rb"pid=(\d+)", out).group(1))
+    a.close()
+    wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE - 0.5, what="the shell to hang up")
+
+
+def test_pty_and_tcp_conflict():
+    """--pty with --tcp is a one-line error, exit 2."""
+    result = run_cli("--pty", "--tcp", "cat")
+    assert result.returncode == 2 and "--pty" in result.stderr
+
+
+def test_devconsole_page(serve):
+    """--devconsole serves a self-contained page at /; it refuses --staticdir."""
+    server = serve("--devconsole", "cat")
+    status, headers, body = http_request(server.port, "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert b"new WebSocket(" in body and b"<link" not in body and b"src=" not in body  # no external assets
+    assert http_request(serve("cat").port, "/")[0] == 404
+    result = run_cli("--devconsole", "--staticdir", HERE, "cat")
+    assert result.returncode == 2 and "--devconsole" in result.stderr
+
+
+def test_devconsole_in_a_browser(serve, chromium):
+    """The console page in Chromium: type a line, see the child's answer and the close code."""
+    server = serve("--devconsole", *py_child("import sys\nprint('hello', flush=True)\nprint('you said', sys.stdin.readline().strip(), flush=True)"))
+    cdp = CDP(ws_connect(*chromium))
+    tab = cdp.open_tab(f"http://127.0.0.1:{server.port}/?room=play")
+    cdp.wait_for(tab, 'document.getElementById("log").textContent.includes("hello")')
+    cdp.evaluate(tab, 'document.getElementById("line").focus()')
+    cdp.type_line(tab, "ping")
+    cdp.wait_for(tab, 'document.getElementById("log").textContent.includes("you said ping")')
+    cdp.wait_for(tab, 'document.getElementById("log").textContent.includes("closed: 1000 child exited with code 0")')
+    try:
+        cdp.call("Browser.close")
+    except ConnectionError:
+        pass
+    cdp.ws.close()
 
 
 ###############################################################################

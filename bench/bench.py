@@ -124,6 +124,15 @@ WORKLOADS = {w.name: w for w in [
 ]}
 
 
+def with_option(args: list[str], opt: str, value: str) -> list[str]:
+    """Load generator options with --opt set to value (replaced or appended)."""
+    flag = f"--{opt}"
+    if flag in args:
+        i = args.index(flag)
+        return args[:i + 1] + [value] + args[i + 2:]
+    return args + [flag, value]
+
+
 # --------------------------------------------------------------------------
 # Setup: install what is missing.
 # --------------------------------------------------------------------------
@@ -187,13 +196,23 @@ def ensure_websocketd() -> bool:
 # --------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process, in seconds (None once it is gone)."""
+    """CPU time a process has used, all its threads, in seconds (None once it is gone).
+
+    From /proc/PID/task/*/schedstat (nanoseconds), not /proc/PID/stat
+    (clock ticks): the fan-out runs last a fraction of a second.
+    """
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    total = 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended meanwhile
+    return total / 1e9
 
 
 def pss_kib(pid: int) -> int | None:
@@ -209,12 +228,18 @@ def pss_kib(pid: int) -> int | None:
 
 
 def children_of(pid: int) -> list[int]:
-    """Direct children of a process (the servers' cat processes)."""
+    """Direct children of a process (the servers' cat processes), whichever thread forked them."""
+    kids = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids += [int(p) for p in f.read().split()]
+            except OSError:
+                pass
     except OSError:
-        return []
+        pass
+    return kids
 
 
 def pss_with_children(pid: int, deadline: float) -> tuple[int, int]:
@@ -559,6 +584,8 @@ def main() -> int:
     parser.add_argument("--servers", metavar="NAME[,...]", default=",".join(SERVERS),
                         help=f"servers to run (default: {','.join(SERVERS)})")
     parser.add_argument("--json", metavar="FILE", help="write the raw figures of every run to FILE")
+    parser.add_argument("--set", metavar="OPTION=VALUE", action="append", default=[],
+                        help="override a load generator option, e.g. --set concurrency=32 (repeatable)")
     parser.add_argument("--profile", metavar="WORKLOAD",
                         help="run scalesocket.py under cProfile on WORKLOAD; print the top 25 by tottime")
     args = parser.parse_args()
@@ -577,6 +604,13 @@ def main() -> int:
             parser.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
     if not os.path.exists(SCALESOCKET):
         sys.exit(f"bench: {SCALESOCKET} not found")
+
+    for item in args.set:
+        opt, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set wants OPTION=VALUE, not {item!r}")
+        for wl in WORKLOADS.values():
+            wl.args, wl.quick_args = with_option(wl.args, opt, value), with_option(wl.quick_args, opt, value)
 
     raise_nofile()
     ensure_node_ws()
