@@ -1986,7 +1986,10 @@ class Server:
         config = self.config
         tls = tls_context(config) if config.tls_cert else None
         self._server = await asyncio.start_server(
-            self.handle_connection, config.host, config.port, limit=config.max_head,
+            # The reader's limit also sets how much it buffers before pausing a
+            # socket: READ_CHUNK keeps large messages flowing; --maxhead is
+            # checked on the head itself.
+            self.handle_connection, config.host, config.port, limit=max(READ_CHUNK, config.max_head),
             ssl=tls, ssl_handshake_timeout=config.handshake_timeout if tls else None,
         )
         sockname = self._server.sockets[0].getsockname()
@@ -2057,13 +2060,16 @@ class Server:
         request = None
         try:
             timeout = self.config.handshake_timeout
+            too_large = HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
             except asyncio.LimitOverrunError:
-                raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes") from None
+                raise too_large from None
             except asyncio.TimeoutError:
                 log.debug("! request head not received in %s s, dropping the connection", timeout)
                 return
+            if len(head) > self.config.max_head:
+                raise too_large
             request = parse_request(head)
             peer = writer.get_extra_info("peername")
             request.remote_addr = peer[0] if isinstance(peer, tuple) else ""

@@ -98,7 +98,7 @@ class Workload:
     runs: int  # the median of this many runs is reported (full run)
     key: str  # figure of the "end" event that picks the median run
     servers: tuple[str, ...] = tuple(SERVERS)
-    rooms: bool = True  # needs rooms (each server gets --anchor/--broadcast where it has them)
+    loadgen: str = ""  # loadgen.js workload, when not the same name
 
 
 WORKLOADS = {w.name: w for w in [
@@ -109,6 +109,10 @@ WORKLOADS = {w.name: w for w in [
              ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
              ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
              runs=5, key="deliveries_per_s", servers=("scalesocket", "websockets")),
+    Workload("fanout20k", "fan-out 100 clients x 20,000 msgs (sustained)",
+             ["--clients", "100", "--messages", "20000", "--size", "64", "--procs", "2"],
+             ["--clients", "100", "--messages", "5000", "--size", "64", "--procs", "2"],
+             runs=1, key="deliveries_per_s", servers=("scalesocket", "websockets"), loadgen="fanout"),
     Workload("big", "1 MiB text echo, 1 client",
              ["--count", "50", "--size", str(2**20)],
              ["--count", "20", "--size", str(2**20)], runs=3, key="mb_per_s"),
@@ -406,7 +410,7 @@ def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
         extra.append("--broadcast")
     result: dict = {}
     pss_before = pss_kib(server.pid)
-    gen = LoadGen(workload.name, ["--url", server.url, *args, *extra])
+    gen = LoadGen(workload.loadgen or workload.name, ["--url", server.url, *args, *extra])
     deadline = time.monotonic() + WORKLOAD_TIMEOUT + 45
     begin = None
     while True:
@@ -432,16 +436,16 @@ def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
                 wall = max(t - t0, 1e-9)
                 used = lambda pid, c0: (cpu_seconds(pid) or c0) - c0 if c0 is not None else 0.0
                 srv = used(server.pid, srv0)
-                gen = [used(p, c0) for p, c0 in gen0.items()]
+                loadgen = [used(p, c0) for p, c0 in gen0.items()]
                 kids = sum(used(k, c0) for k, c0 in kids0.items())
                 machine = machine_cpu_seconds() - machine0
                 result["server_cpu_pct"] = 100 * srv / wall
-                result["loadgen_cpu_pct"] = 100 * max(gen) / wall if gen else None
-                result["loadgen_cpu_pct_all"] = [100 * g / wall for g in gen]
+                result["loadgen_cpu_pct"] = 100 * max(loadgen) / wall if loadgen else None
+                result["loadgen_cpu_pct_all"] = [100 * g / wall for g in loadgen]
                 result["children_cpu_pct"] = 100 * kids / wall
                 # Whatever else ran meanwhile (other processes, and the kernel
                 # work not charged to ours): high values make the figures suspect.
-                result["other_cpu_pct"] = max(0.0, 100 * (machine - srv - sum(gen) - kids) / wall)
+                result["other_cpu_pct"] = max(0.0, 100 * (machine - srv - sum(loadgen) - kids) / wall)
             result.update({k: v for k, v in ev.items() if k != "ev"})
             break
     gen.finish()
@@ -452,15 +456,21 @@ def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
     return result
 
 
-def run_workload(kind: str, workload: Workload, quick: bool, profile_out: str | None = None) -> dict:
-    """Start a server, run the workload (its runs), stop the server; the median run."""
+def run_workload(kind: str, workload: Workload, quick: bool, budget: list[float],
+                 profile_out: str | None = None) -> dict:
+    """Start a server, run the workload (its runs), stop the server; the median run.
+
+    budget[0] is how long, in all, the runs may still wait for a quiet machine.
+    """
     args = workload.quick_args if quick else workload.args
     runs = 1 if quick or profile_out else workload.runs
     server = Server(kind, workload.name, profile_out)
     results = []
     try:
         for i in range(runs):
+            busy = wait_for_quiet(budget)
             r = run_once(server, workload, args)
+            r["busy_before_pct"] = busy
             results.append(r)
             log(f"{kind} {workload.name} run {i + 1}/{runs}: " + summary(workload, r))
             if "error" in r:
@@ -484,10 +494,11 @@ def run_workload(kind: str, workload: Workload, quick: bool, profile_out: str | 
 def summary(workload: Workload, r: dict) -> str:
     if "error" in r:
         return f"ERROR {r['error']}"
-    cpu = f" server {r.get('server_cpu_pct', 0):.0f}% loadgen {r.get('loadgen_cpu_pct') or 0:.0f}%"
+    cpu = (f" | cpu: server {r.get('server_cpu_pct', 0):.0f}% loadgen {r.get('loadgen_cpu_pct') or 0:.0f}%"
+           f" child {r.get('children_cpu_pct', 0):.0f}% other {r.get('other_cpu_pct', 0):.0f}%")
     if workload.name == "rtt":
         return f"{r['msg_per_s']:,.0f} msg/s p50 {r['p50_us']:.0f} µs p99 {r['p99_us']:.0f} µs" + cpu
-    if workload.name == "fanout":
+    if workload.name.startswith("fanout"):
         return f"{r['deliveries_per_s']:,.0f} deliveries/s lost {r['lost']} out-of-order {r['out_of_order']}" + cpu
     if workload.name == "big":
         return f"{r['mb_per_s']:.1f} MB/s bad {r['bad']}" + cpu
@@ -516,6 +527,8 @@ ROWS = [
     ("rtt", "round trip 64 B: p99 µs (lower is better)", "p99_us", False),
     ("fanout", "fan-out 100x2000: deliveries/s", "deliveries_per_s", True),
     ("fanout", "fan-out 100x2000: lost msgs", "lost", False),
+    ("fanout20k", "fan-out 100x{messages} sustained: deliveries/s", "deliveries_per_s", True),
+    ("fanout20k", "fan-out 100x{messages} sustained: lost msgs", "lost", False),
     ("big", "1 MiB echo: MB/s", "mb_per_s", True),
     ("handshake", "handshakes: conn/s", "per_s", True),
     ("idle", "idle: KiB/conn, server (lower is better)", "kib_per_conn", False),
@@ -559,9 +572,12 @@ def print_table(results: dict, quick: bool) -> None:
         if name not in results:
             continue
         per = results[name]
+        first = next(iter(per.values()), {}).get("median", {})
         if name == "idle":  # the label says how many
-            n = per.get("scalesocket", {}).get("median", {}).get("requested")
+            n = first.get("requested")
             label = label.replace("idle:", f"idle {n:,}:" if n else "idle:")
+        if "{messages}" in label:
+            label = label.format(messages=f"{first['expected'] // first['clients']:,}" if first.get("clients") else "N")
         rows.append([label] + [cell(per.get(s), figure, cpu) for s in SERVERS]
                     + [ratio(per.get("scalesocket"), per.get("websockets"), figure),
                        ratio(per.get("scalesocket"), per.get("websocketd"), figure)])
@@ -574,17 +590,28 @@ def print_table(results: dict, quick: bool) -> None:
     print(line(["-" * w for w in widths]))
     for r in rows:
         print(line(r))
-    # Load generator: its busiest process, to tell whether it was the bottleneck.
+    # Where the CPU went: is the server saturated, or the load generator, or
+    # did something else on the machine take a share?
     print()
-    print("Load generator: CPU of its busiest process during the timed phase (near 100% = it may be the bottleneck)")
-    for name, wl in WORKLOADS.items():
+    print("CPU during the timed phase, % of one core: server / load generator's busiest process /"
+          " the server's children (cat) / everything else on the machine")
+    noisy = []
+    for name in WORKLOADS:
         if name not in results or name == "idle":
             continue
         cells = []
         for s in SERVERS:
-            m = results[name].get(s, {}).get("median") if s in results[name] else None
-            cells.append(f"{s} {m['loadgen_cpu_pct']:.0f}%" if m and m.get("loadgen_cpu_pct") is not None else f"{s} –")
-        print(f"  {name:<10} " + "   ".join(cells))
+            m = results[name].get(s, {}).get("median", {})
+            if m.get("server_cpu_pct") is None:
+                cells.append(f"{s} –")
+                continue
+            cells.append(f"{s} {m['server_cpu_pct']:.0f}/{m.get('loadgen_cpu_pct') or 0:.0f}"
+                         f"/{m.get('children_cpu_pct', 0):.0f}/{m.get('other_cpu_pct', 0):.0f}")
+            if m.get("other_cpu_pct", 0) > 30:
+                noisy.append(f"{name}/{s}")
+        print(f"  {name:<10} " + "   ".join(c.ljust(30) for c in cells).rstrip())
+    if noisy:
+        print(f"WARNING: other processes used over 30% of a core during {', '.join(noisy)}: those figures are skewed")
     print()
 
 
@@ -592,12 +619,12 @@ def print_table(results: dict, quick: bool) -> None:
 # Profiling.
 # --------------------------------------------------------------------------
 
-def profile(workload: Workload, quick: bool) -> dict:
+def profile(workload: Workload, quick: bool, max_wait: float) -> dict:
     out = f"/tmp/bench-prof-{workload.name}.out"
     if os.path.exists(out):
         os.unlink(out)
     log(f"profiling scalesocket.py on {workload.name} (cProfile slows it: figures are not comparable)")
-    res = run_workload("scalesocket", workload, quick, profile_out=out)
+    res = run_workload("scalesocket", workload, quick, [max_wait], profile_out=out)
     status = res["median"]["exit_status"]
     print(f"\nscalesocket.py exited with status {status} after SIGINT"
           + ("" if status == 0 else " (expected 0: a clean shutdown)"))
@@ -621,6 +648,9 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="write the raw figures of every run to FILE")
     parser.add_argument("--set", metavar="OPTION=VALUE", action="append", default=[],
                         help="override a load generator option, e.g. --set concurrency=32 (repeatable)")
+    parser.add_argument("--max-wait", metavar="SECONDS", type=float, default=120,
+                        help="at most this long in all, wait for other processes to leave the CPUs idle"
+                             " before each run (default 120)")
     parser.add_argument("--profile", metavar="WORKLOAD",
                         help="run scalesocket.py under cProfile on WORKLOAD; print the top 25 by tottime")
     args = parser.parse_args()
@@ -650,7 +680,7 @@ def main() -> int:
     raise_nofile()
     ensure_node_ws()
     if args.profile:
-        res = profile(WORKLOADS[args.profile], args.quick)
+        res = profile(WORKLOADS[args.profile], args.quick, args.max_wait)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"profile": args.profile, "result": res}, f, indent=1)
@@ -661,6 +691,7 @@ def main() -> int:
         servers.remove("websocketd")
 
     started = time.monotonic()
+    budget = [args.max_wait]  # seconds the whole run may spend waiting for a quiet machine
     results: dict = {}
     for name in names:
         wl = WORKLOADS[name]
@@ -669,7 +700,7 @@ def main() -> int:
             if kind not in wl.servers:
                 continue
             try:
-                results[name][kind] = run_workload(kind, wl, args.quick)
+                results[name][kind] = run_workload(kind, wl, args.quick, budget)
             except RuntimeError as exc:
                 log(f"{kind} {name}: {exc}")
                 results[name][kind] = {"runs": [], "median": {"error": str(exc)}}
