@@ -23,6 +23,7 @@ import codecs
 import collections
 import email.utils
 import enum
+import errno
 import fcntl
 import hashlib
 import http
@@ -79,6 +80,7 @@ KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child
 EXIT_DRAIN = 1.0  # seconds after a child's exit for what it started to let go of its output
 TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
 CHILD_HIGH_WATER = 64 * 1024  # bytes queued for a child before its clients wait
+WAIT_PING = 2.0  # seconds between pings to a client waiting on its child
 READ_CHUNK = 256 * 1024
 FILE_CHUNK = 64 * 1024
 DEFAULT_PASSENV = ("PATH", "DYLD_LIBRARY_PATH")
@@ -1174,17 +1176,31 @@ class PortPool:
 
 
 def open_pty() -> tuple[int, int]:
-    """Open a pseudo-terminal for a child: (master, slave), echo off, 24x80.
+    """Open a pseudo-terminal for a child: (master, slave), raw input, 24x80.
 
-    On a terminal, C stdio and most programs flush every line; with echo off,
-    what clients send does not come back as output.
+    On a terminal, C stdio and most programs flush every line. Input is raw,
+    so what clients send reaches the child byte for byte and never comes back
+    as echo; programs that want line editing (shells) set it up themselves.
     """
     master, slave = os.openpty()
     attrs = termios.tcgetattr(slave)
-    attrs[3] &= ~termios.ECHO  # lflag
+    # Raw input: no line editing, no ^C/^D/^U meaning, no 4 KiB line limit, no
+    # CR/NL mapping, no echo. Output keeps \n -> \r\n, as terminals expect.
+    attrs[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON | termios.ISTRIP)  # iflag
+    attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)  # lflag
+    attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
     termios.tcsetattr(slave, termios.TCSANOW, attrs)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     return master, slave
+
+
+class _PtyReaderProtocol(asyncio.StreamReaderProtocol):
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Reading a terminal whose other side has closed fails with EIO: that
+        # is its end of file, and what was read before it must still be read.
+        if isinstance(exc, OSError) and exc.errno == errno.EIO:
+            exc = None
+        super().connection_lost(exc)
 
 
 async def _connect_pty(master: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.BaseTransport]:
@@ -1192,7 +1208,7 @@ async def _connect_pty(master: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=READ_CHUNK)
     read_transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(master, "rb", buffering=0))
+        lambda: _PtyReaderProtocol(reader), os.fdopen(master, "rb", buffering=0))
     write_transport, write_protocol = await loop.connect_write_pipe(
         lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(os.dup(master), "wb", buffering=0))
     writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
@@ -1320,6 +1336,10 @@ class Room:
         """
         await self._exited
         for signum in (signal.SIGTERM, signal.SIGKILL):
+            # Signalled only while the output is open: once the group is empty
+            # its number could in time belong to another process group.
+            if holder.is_closing():
+                return
             try:
                 os.killpg(self.proc.pid, signum)
             except (ProcessLookupError, PermissionError):
@@ -1395,6 +1415,8 @@ class Room:
                 if task is not asyncio.current_task():
                     task.cancel()
             self._transport.close()
+            if self._input is not None:
+                self._input.transport.abort()  # the child is gone: drop input it never read
             if self._holder is not None:
                 self._holder.close()
             log.info("room %r: child %d stopped", self.name, proc.pid, extra={"room": self.name})
@@ -1438,9 +1460,16 @@ class Room:
         if client is None:
             await asyncio.wait({self._drainer})
             return
+        drainer, lost = self._drainer, client.lost()
         client.waiting = True
         try:
-            await asyncio.wait({self._drainer, client.lost()}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait({drainer, lost}, timeout=WAIT_PING, return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    break
+                # Not read while waiting, so a peer that left would go unseen;
+                # a ping to a closed socket draws a reset, which ends ``lost``.
+                client.ping()
         finally:
             client.waiting = False
 

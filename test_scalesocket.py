@@ -2285,6 +2285,24 @@ def test_pty_child_is_stopped_with_a_hangup(serve):
     wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE - 0.5, what="the shell to hang up")
 
 
+def test_pty_input_is_raw_and_last_output_arrives(serve):
+    """--pty: control bytes and long lines reach the child intact; a quick exit loses no output."""
+    server = serve("--pty", "cat")
+    a = server.connect("/r")
+    line = "a\x04b\x15c\x7fd\x03e" + "x" * 5000  # ^D ^U DEL ^C, and past the 4 KiB line limit
+    a.send_text(line)
+    got = ""
+    while len(got) < len(line):
+        got += a.recv_text()
+    assert got == line
+    a.close()
+    server = serve("--pty", "sh", "--", "-c", "echo hi; exit 3")
+    for room in range(5):
+        b = server.connect(f"/quick{room}")
+        assert b.recv_text() == "hi"
+        assert b.recv_close() == (1011, "child exited with code 3")
+
+
 def test_pty_and_tcp_conflict():
     """--pty with --tcp is a one-line error, exit 2."""
     result = run_cli("--pty", "--tcp", "cat")

@@ -26,6 +26,8 @@ Workloads (the load generator is bench/loadgen.js, node + the `ws` package):
 2. fanout     100 clients in one room, one of them sends 2,000 messages at
               once: deliveries/s (100 × 2,000 / time until the last client has
               all) and lost messages (each client checks it got all, in order).
+              A run lasts a fraction of a second, so start-up latency weighs;
+   fanout20k  the same with 20,000 messages, one run: the sustained rate.
 3. big        1 MiB text messages echoed through ``cat``, sequential: MB/s.
 4. handshake  2,000 connections (open, upgrade, close; 8 at once) to one room
               whose child an "anchor" client keeps alive: connections/s.
@@ -36,9 +38,18 @@ Workloads (the load generator is bench/loadgen.js, node + the `ws` package):
               echo, close (a child spawned and stopped per room): rooms/s.
 
 Beside each throughput figure is the server process's CPU use during the timed
-phase (utime+stime from /proc/PID/stat): near 100% means the server, which
-runs on one core, is the bottleneck. The load generator's busiest process is
-reported the same way, in a second table.
+phase (all its threads, from /proc/PID/task/*/schedstat): near 100% means the
+server, one Python thread, is the bottleneck. A second table gives the load
+generator's busiest process, the server's children (cat) and everything else
+on the machine the same way. The figures are only good on an otherwise idle
+machine: before each run bench.py waits until the CPUs are idle (at most
+--max-wait seconds in all) and it flags runs that shared the CPUs.
+
+--set OPTION=VALUE overrides a load generator option for every workload
+(``--set concurrency=32``); --profile WORKLOAD runs scalesocket.py alone under
+``python3 -m cProfile``, stops it with SIGINT (it must exit 0 and write the
+profile to /tmp/bench-prof-WORKLOAD.out) and prints the top 25 functions by
+tottime, leaving out the event loop's idle wait in epoll.
 
 Install (bench.py does each step itself when the thing is missing):
 
@@ -76,13 +87,13 @@ LOADGEN = os.path.join(BENCH_DIR, "loadgen.js")
 WS_SERVER = os.path.join(BENCH_DIR, "ws_server.py")
 VENV = "/tmp/bench-venv"
 VENV_PYTHON = os.path.join(VENV, "bin", "python")
-NOFILE = 65536  # fd limit for the servers and the load generator (idle holds 10,000)
+NOFILE = 65536  # fd limit wanted for the servers and the load generator (idle holds 10,000)
 WORKLOAD_TIMEOUT = 60  # seconds, per run of a workload
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"  # every server listens, and every client connects, here only
 
-SERVERS = ["scalesocket", "websockets", "websocketd"]
 SERVER_TITLES = {"scalesocket": "scalesocket.py", "websockets": "websockets", "websocketd": "websocketd"}
+SERVERS = list(SERVER_TITLES)
 
 
 # --------------------------------------------------------------------------
@@ -145,13 +156,30 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def raise_nofile() -> None:
-    """Raise this process's fd limit; the servers and node inherit it."""
+def raise_nofile() -> int:
+    """Raise this process's fd limit, which the servers and node inherit; return it.
+
+    Raising the hard limit needs CAP_SYS_RESOURCE, which root in a container
+    may lack: then the soft limit goes up to the hard one.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, max(hard, NOFILE)))
-    except (ValueError, OSError):  # not root: as far as the hard limit goes
+    except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def idle_cap(kind: str) -> int | None:
+    """How many idle connections a server can hold under the fd limit, if that binds.
+
+    websocketd holds 4 fds per connection (the socket and cat's three pipes),
+    more while it spawns; the others hold one (their room's child is shared).
+    """
+    if kind != "websocketd":
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(100, (limit - 1000) // 4 // 250 * 250)
 
 
 def ensure_node_ws() -> None:
@@ -408,6 +436,11 @@ def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
         extra.append("--anchor")
     if workload.name == "idle" and server.kind != "websocketd":
         extra.append("--broadcast")
+    cap = idle_cap(server.kind) if workload.name == "idle" else None
+    if cap is not None and int(args[args.index("--count") + 1]) > cap:
+        log(f"{server.kind}: {cap} idle connections at most under the fd limit "
+            f"({resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; it holds 4 per connection)")
+        args = with_option(args, "count", str(cap))
     result: dict = {}
     pss_before = pss_kib(server.pid)
     gen = LoadGen(workload.loadgen or workload.name, ["--url", server.url, *args, *extra])
@@ -566,7 +599,7 @@ def ratio(a: dict | None, b: dict | None, figure: str) -> str:
 
 
 def print_table(results: dict, quick: bool) -> None:
-    header = ["workload", "scalesocket.py", "websockets", "websocketd", "ss/websockets", "ss/websocketd"]
+    header = ["workload", *SERVER_TITLES.values(), "ss/websockets", "ss/websocketd"]
     rows = []
     for name, label, figure, cpu in ROWS:
         if name not in results:
@@ -612,6 +645,13 @@ def print_table(results: dict, quick: bool) -> None:
         print(f"  {name:<10} " + "   ".join(c.ljust(30) for c in cells).rstrip())
     if noisy:
         print(f"WARNING: other processes used over 30% of a core during {', '.join(noisy)}: those figures are skewed")
+    # scalesocket.py must exit cleanly (status 0) on SIGINT, after every workload.
+    statuses = {name: per["scalesocket"]["median"].get("exit_status")
+                for name, per in results.items() if "scalesocket" in per}
+    if statuses:
+        bad = {k: v for k, v in statuses.items() if v != 0}
+        print("scalesocket.py exit status after SIGINT: " + ("0 after every workload" if not bad else
+              ", ".join(f"{k}: {v}" for k, v in bad.items()) + " (expected 0)"))
     print()
 
 
@@ -633,6 +673,13 @@ def profile(workload: Workload, quick: bool, max_wait: float) -> dict:
         return res
     print(f"profile: {out}; {workload.name}: {summary(workload, res['median'])}\n")
     stats = pstats.Stats(out, stream=sys.stdout)
+    # cProfile's clock is wall time: the event loop's wait in epoll is idle
+    # time, not work. Take it out so the table shows where the CPU went.
+    for key in [k for k in stats.stats if k[2] in ("<method 'poll' of 'select.epoll' objects>",
+                                                    "<method 'select' of 'select.epoll' objects>")]:
+        wait = stats.stats.pop(key)[2]
+        stats.total_tt -= wait
+        print(f"(left out: {wait:.2f} s waiting in epoll, i.e. idle)")
     stats.strip_dirs().sort_stats("tottime").print_stats(25)
     return res
 
@@ -640,7 +687,9 @@ def profile(workload: Workload, quick: bool, max_wait: float) -> dict:
 # --------------------------------------------------------------------------
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Benchmark scalesocket.py (see the module docstring).")
+    parser = argparse.ArgumentParser(
+        description="Benchmark scalesocket.py against websockets and websocketd (details: the module docstring).",
+        epilog="workloads: " + "; ".join(f"{w.name}: {w.title}" for w in WORKLOADS.values()))
     parser.add_argument("--quick", action="store_true", help="short run: smaller counts, one run each")
     parser.add_argument("--only", metavar="WORKLOAD[,...]", help=f"run only these: {', '.join(WORKLOADS)}")
     parser.add_argument("--servers", metavar="NAME[,...]", default=",".join(SERVERS),
@@ -677,7 +726,9 @@ def main() -> int:
         for wl in WORKLOADS.values():
             wl.args, wl.quick_args = with_option(wl.args, opt, value), with_option(wl.quick_args, opt, value)
 
-    raise_nofile()
+    nofile = raise_nofile()
+    if nofile < NOFILE:
+        log(f"fd limit is {nofile} (the hard limit; raising it needs CAP_SYS_RESOURCE)")
     ensure_node_ws()
     if args.profile:
         res = profile(WORKLOADS[args.profile], args.quick, args.max_wait)

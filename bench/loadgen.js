@@ -1,5 +1,7 @@
 #!/usr/bin/env node
-// Load generator for bench/bench.py: WebSocket clients built on the `ws` package.
+// Load generator for bench/bench.py: WebSocket clients on node, built on the
+// `ws` package and, where the load generator's own cost would weigh, on a bare
+// client over node's net module (see rawOpen).
 //
 //   node bench/loadgen.js WORKLOAD --url ws://127.0.0.1:PORT [options]
 //
@@ -12,17 +14,18 @@
 // reports what it has with "timeout": true and exits.
 //
 // Workloads (see bench.py for what each measures):
-//   rtt        one client, sequential round trips of --size bytes, --count times
-//   fanout     --clients clients in one room (one is the sender), --messages
-//              messages; the receivers live in --procs forked processes
-//   big        one client, --count sequential echoes of --size bytes
+//   rtt        one client (ws), sequential round trips of --size bytes, --count times
+//   fanout     --clients clients in one room, one of them (ws) the sender of
+//              --messages messages; the receivers (bare clients, or ws with
+//              --client ws) live in --procs forked processes
+//   big        one client (ws), --count sequential echoes of --size bytes
 //   handshake  --count connections (open, upgrade, close), --concurrency at once,
-//              with an "anchor" client kept open in the room (--anchor); a bare
-//              client on node's net module, or ws with --client ws
-//   idle       open --count connections to one room, hold them; after "go" on
-//              stdin check they are all still open and (--broadcast) that a
+//              with an "anchor" client kept open in the room (--anchor); bare
+//              clients, or ws with --client ws
+//   idle       open --count connections (ws) to one room, hold them; after "go"
+//              on stdin check they are all still open and (--broadcast) that a
 //              message reaches every one
-//   rooms      --count distinct rooms: connect, send, get the echo, close
+//   rooms      --count distinct rooms (ws): connect, send, get the echo, close
 "use strict";
 
 const { fork } = require("child_process");
@@ -61,9 +64,9 @@ function payload(seq, size) {
   return Buffer.from(head + "x".repeat(Math.max(0, size - head.length)));
 }
 
-function seqOf(buf) {
+function seqOf(buf, start = 0) {
   let n = 0;
-  for (let i = 0; i < 9; i++) n = n * 10 + (buf[i] - 48);
+  for (let i = start; i < start + 9; i++) n = n * 10 + (buf[i] - 48);
   return n;
 }
 
@@ -117,15 +120,16 @@ async function sequential(opts, warmup) {
   }
   const elapsed = (now() - t0) / 1000;
   clearTimeout(timer);
-  ws.close();
-  await Promise.race([closed(ws), new Promise((r) => setTimeout(r, 5000))]);
   lat.sort((a, b) => a - b);
   const pct = (p) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))];
+  // "end" before closing: the room's child is still there for bench.py to read.
   emit({
     ev: "end", messages: done, bytes: done * opts.size, elapsed, bad, timeout: done < opts.count,
     msg_per_s: done / elapsed, mb_per_s: done * opts.size / elapsed / 1e6,
     p50_us: pct(0.5), p99_us: pct(0.99), max_us: lat[lat.length - 1],
   });
+  ws.close();
+  await Promise.race([closed(ws), new Promise((r) => setTimeout(r, 5000))]);
 }
 
 // fanout: receivers in forked processes, the sender (also a member) here.
@@ -137,7 +141,8 @@ async function fanout(opts) {
   for (let w = 0; w < nWorkers; w++) {
     const share = Math.floor(receivers / nWorkers) + (w < receivers % nWorkers ? 1 : 0);
     const child = fork(__filename, ["fanout-worker", "--url", opts.url, "--room", opts.room,
-      "--clients", String(share), "--messages", String(opts.messages), "--timeout", String(opts.timeout)]);
+      "--clients", String(share), "--messages", String(opts.messages), "--client", opts.client,
+      "--timeout", String(opts.timeout)]);
     workers.push({ child, msgs: [] });
     child.on("message", (m) => workers[w].msgs.push(m));
   }
@@ -186,8 +191,8 @@ async function fanout(opts) {
 function receiverState(expected) {
   const st = { received: 0, next: 0, out_of_order: 0, t_last: 0, closed: false };
   let resolveDone = null;
-  st.receive = (data) => {
-    const seq = seqOf(data);
+  st.receive = (data, start = 0) => {
+    const seq = seqOf(data, start);
     if (seq !== st.next) st.out_of_order++;
     st.next = seq + 1;
     st.received++;
@@ -207,16 +212,28 @@ async function fanoutWorker(opts) {
   const deadline = now() + opts.timeout * 1000;
   const states = [];
   for (let i = 0; i < opts.clients; i++) {
-    const ws = await open(url);
     const st = receiverState(opts.messages);
-    ws.on("message", st.receive);
-    ws.on("close", () => { st.closed = true; });
-    states.push({ ws, st });
+    if (opts.client === "ws") {
+      const ws = await open(url);
+      ws.on("message", (data) => st.receive(data));
+      ws.on("close", () => { st.closed = true; });
+      states.push({ st, close: () => { ws.close(); return closed(ws); } });
+    } else {
+      const { sock, rest } = await rawOpen(url);
+      const parse = frameParser((opcode, buf, start) => {
+        if (opcode === 1) st.receive(buf, start);
+        else if (opcode === 8) st.closed = true;
+      });
+      sock.on("data", parse);
+      sock.on("error", () => {});
+      sock.on("close", () => { st.closed = true; });
+      if (rest.length) parse(rest);
+      states.push({ st, close: () => new Promise((r) => { sock.once("close", r); sock.end(CLOSE_1000); }) });
+    }
   }
   process.on("message", (m) => {
     if (m.kind === "exit") {
-      states.forEach(({ ws }) => ws.close());
-      Promise.all(states.map(({ ws }) => closed(ws))).then(() => process.exit(0));
+      Promise.all(states.map(({ close }) => close())).then(() => process.exit(0));
       setTimeout(() => process.exit(0), 5000).unref();
     }
   });
@@ -226,43 +243,82 @@ async function fanoutWorker(opts) {
   setTimeout(() => process.exit(1), opts.timeout * 1000).unref(); // the parent vanished
 }
 
-// A bare WebSocket handshake on a TCP socket: upgrade request, check the 101
-// and its Sec-WebSocket-Accept, send a masked close frame, wait for the
-// server's close frame, then end the socket as the ws package does. It does
-// the same work on the wire as ws but costs the load generator less than half
-// the CPU per connection (ws's client goes through node's http module), which
-// matters when the server and the load generator share two cores.
+// A bare WebSocket client on node's net module, for the workloads where the
+// load generator's own cost per connection or per message matters: it does
+// the same work on the wire as ws (the same request, a checked 101, masked
+// frames out) but skips ws's http-module handshake and per-message events,
+// so it costs the load generator a fraction of the CPU. That matters when
+// the server and the load generator share two cores. --client ws uses ws.
 const HS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="; // RFC 6455's example key...
 const HS_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="; // ...and its accept value
 const CLOSE_1000 = Buffer.from([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xe8 ^ 2]); // masked close, code 1000
 
-function rawHandshake(url) {
+// Connect and upgrade; resolves to the socket and the bytes after the 101.
+function rawOpen(url) {
   const { hostname, port, pathname } = new URL(url);
   const request = `GET ${pathname} HTTP/1.1\r\nHost: ${hostname}:${port}\r\nUpgrade: websocket\r\n` +
     `Connection: Upgrade\r\nSec-WebSocket-Key: ${HS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n`;
   return new Promise((resolve, reject) => {
     const sock = net.connect(Number(port), hostname);
     sock.setNoDelay(true);
-    let buf = Buffer.alloc(0), upgraded = false, failure = null;
-    sock.on("connect", () => sock.write(request));
-    sock.on("data", (data) => {
-      buf = buf.length ? Buffer.concat([buf, data]) : data;
-      if (!upgraded) {
-        const end = buf.indexOf("\r\n\r\n");
-        if (end < 0) return;
-        const head = buf.subarray(0, end).toString("latin1");
-        if (!head.startsWith("HTTP/1.1 101") || !head.includes(HS_ACCEPT)) {
-          failure = new Error(head.split("\r\n")[0]);
-          return sock.destroy();
-        }
-        upgraded = true;
-        buf = buf.subarray(end + 4);
-        sock.write(CLOSE_1000);
+    let buf = Buffer.alloc(0);
+    const onData = (data) => {
+      buf = Buffer.concat([buf, data]);
+      const end = buf.indexOf("\r\n\r\n");
+      if (end < 0) return;
+      const head = buf.subarray(0, end).toString("latin1");
+      sock.removeListener("data", onData);
+      sock.removeListener("close", onClose);
+      if (!head.startsWith("HTTP/1.1 101") || !head.includes(HS_ACCEPT)) {
+        sock.destroy();
+        return reject(new Error(head.split("\r\n")[0]));
       }
-      if (buf.length >= 2 && buf[0] === 0x88) sock.end(); // the server's close frame
-    });
-    sock.on("error", (e) => { failure = failure || e; });
-    sock.on("close", () => (upgraded && !failure ? resolve() : reject(failure || new Error("closed"))));
+      resolve({ sock, rest: buf.subarray(end + 4) });
+    };
+    const onClose = () => reject(new Error("closed before the upgrade"));
+    sock.on("connect", () => sock.write(request));
+    sock.on("data", onData);
+    sock.on("error", reject);
+    sock.on("close", onClose);
+  });
+}
+
+// A parser of server frames (unmasked, unfragmented, as all three servers
+// send them): calls onFrame(opcode, buffer, start, length) for each.
+function frameParser(onFrame) {
+  let buf = null;
+  return (chunk) => {
+    buf = buf ? Buffer.concat([buf, chunk]) : chunk;
+    let off = 0;
+    while (buf.length - off >= 2) {
+      let len = buf[off + 1] & 0x7f, head = 2;
+      if (len === 126) {
+        if (buf.length - off < 4) break;
+        len = buf.readUInt16BE(off + 2); head = 4;
+      } else if (len === 127) {
+        if (buf.length - off < 10) break;
+        len = Number(buf.readBigUInt64BE(off + 2)); head = 10;
+      }
+      if (buf.length - off < head + len) break;
+      onFrame(buf[off] & 0x0f, buf, off + head, len);
+      off += head + len;
+    }
+    buf = off < buf.length ? buf.subarray(off) : null;
+  };
+}
+
+// Open, upgrade, send a close frame, wait for the server's, end the socket
+// (as ws does once both close frames have passed), wait until it is closed.
+async function rawHandshake(url) {
+  const { sock, rest } = await rawOpen(url);
+  return new Promise((resolve, reject) => {
+    let gotClose = false;
+    const parse = frameParser((opcode) => { if (opcode === 8 && !gotClose) { gotClose = true; sock.end(); } });
+    sock.on("data", parse);
+    sock.on("error", () => {});
+    sock.on("close", () => (gotClose ? resolve() : reject(new Error("no close frame"))));
+    sock.write(CLOSE_1000);
+    if (rest.length) parse(rest);
   });
 }
 
@@ -296,12 +352,12 @@ async function handshake(opts) {
   const t0 = now();
   await Promise.all(Array.from({ length: opts.concurrency }, loop));
   const elapsed = (now() - t0) / 1000;
-  if (anchor) { anchor.close(); await closed(anchor); }
   lat.sort((a, b) => a - b);
   emit({
     ev: "end", connections: done, failed, errors, elapsed, per_s: done / elapsed, timeout: done + failed < opts.count,
     p50_us: lat[Math.floor(lat.length / 2)], p99_us: lat[Math.floor(lat.length * 0.99)],
   });
+  if (anchor) { anchor.close(); await closed(anchor); }
 }
 
 // idle: hold --count connections to one room until told to go on.
