@@ -1395,7 +1395,9 @@ class Room:
         if proc is not None and not self._killed:
             self._killed = True
             if self._input is not None and not self._input.is_closing():
-                self._input.close()
+                # End of input at once, without the bytes the child never read:
+                # close() would wait for them, forever on a terminal.
+                self._input.transport.abort()
             # On a terminal, a hangup is what ends a session (shells ignore SIGTERM).
             first = signal.SIGHUP if self.config.pty else signal.SIGTERM
             for signum in (first, signal.SIGKILL):
@@ -1415,8 +1417,6 @@ class Room:
                 if task is not asyncio.current_task():
                     task.cancel()
             self._transport.close()
-            if self._input is not None:
-                self._input.transport.abort()  # the child is gone: drop input it never read
             if self._holder is not None:
                 self._holder.close()
             log.info("room %r: child %d stopped", self.name, proc.pid, extra={"room": self.name})
@@ -1728,9 +1728,14 @@ class Hub:
         self.totals.update(room.stats)
         task = asyncio.get_running_loop().create_task(room.stop())
         self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        task.add_done_callback(self._stopped)
         if self.config.oneshot and self.on_oneshot_end is not None:
             task.add_done_callback(lambda _: self.on_oneshot_end())
+
+    def _stopped(self, task: asyncio.Task) -> None:
+        self._stopping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stopping a room failed", exc_info=task.exception())
 
     async def shutdown(self) -> None:
         """Close every client with 1001 and stop every child."""

@@ -16,6 +16,7 @@ import collections
 import faulthandler
 import http.client
 import json
+import logging
 import os
 import re
 import select
@@ -235,6 +236,7 @@ class ServerThread:
         self.config = config
         self.ready = threading.Event()
         self.error: BaseException | None = None
+        self.loop_errors: list[dict] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -246,6 +248,9 @@ class ServerThread:
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
+        # Anything asyncio reports (a task exception never retrieved, an error
+        # in a callback) fails the test that caused it.
+        self.loop.set_exception_handler(lambda loop, context: self.loop_errors.append(context))
         self.stopped = asyncio.Event()
         self.server = ss.Server(self.config)
         await self.server.start()
@@ -278,10 +283,27 @@ class ServerThread:
         return ws_connect("127.0.0.1", self.port, path, **kwargs)
 
 
+class _Tracebacks(logging.Handler):
+    """Collects log records that carry a traceback: the server's unexpected errors."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+
 @pytest.fixture
 def serve():
-    """Start servers from command-line arguments (``--addr`` is added); stop them after."""
+    """Start servers from command-line arguments (``--addr`` is added); stop them after.
+
+    A test fails if a server logged an unexpected error or asyncio reported one.
+    """
     servers = []
+    tracebacks = _Tracebacks()
+    ss.log.addHandler(tracebacks)
 
     def start(*argv: str) -> ServerThread:
         config = ss.parse_args(["--addr", "127.0.0.1:0", *argv])
@@ -292,6 +314,10 @@ def serve():
     yield start
     for server in servers:
         server.stop()
+    ss.log.removeHandler(tracebacks)
+    for server in servers:
+        assert server.loop_errors == [], server.loop_errors
+    assert [r.getMessage() for r in tracebacks.records] == []
 
 
 def py_child(code: str) -> list[str]:
