@@ -247,6 +247,20 @@ def cpu_seconds(pid: int) -> float | None:
     return total / 1e9
 
 
+def reaped_children_seconds(pid: int) -> float:
+    """CPU time of a process's children that it has reaped (cutime + cstime), in seconds.
+
+    This is how the short-lived children (a room's cat that came and went)
+    are counted; the live ones are read directly.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+
+
 def pss_kib(pid: int) -> int | None:
     """Proportional set size of a process, in KiB."""
     try:
@@ -455,7 +469,8 @@ def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
             pids = ev["pids"]
             kids = children_of(server.pid)  # the room's cat, when there is one
             begin = (t, cpu_seconds(server.pid), {p: cpu_seconds(p) for p in pids},
-                     {k: cpu_seconds(k) for k in kids}, machine_cpu_seconds())
+                     {k: cpu_seconds(k) for k in kids}, reaped_children_seconds(server.pid),
+                     machine_cpu_seconds())
         elif ev["ev"] == "opened":  # idle: every connection is open now
             time.sleep(1.0)  # let the server settle
             result["pss_before_kib"] = pss_before
@@ -465,12 +480,14 @@ def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
             gen.say("go")
         elif ev["ev"] == "end":
             if begin is not None:
-                t0, srv0, gen0, kids0, machine0 = begin
+                t0, srv0, gen0, kids0, reaped0, machine0 = begin
                 wall = max(t - t0, 1e-9)
                 used = lambda pid, c0: (cpu_seconds(pid) or c0) - c0 if c0 is not None else 0.0
                 srv = used(server.pid, srv0)
                 loadgen = [used(p, c0) for p, c0 in gen0.items()]
-                kids = sum(used(k, c0) for k, c0 in kids0.items())
+                # Children: those alive at the start, and those reaped meanwhile.
+                kids = (sum(used(k, c0) for k, c0 in kids0.items())
+                        + reaped_children_seconds(server.pid) - reaped0)
                 machine = machine_cpu_seconds() - machine0
                 result["server_cpu_pct"] = 100 * srv / wall
                 result["loadgen_cpu_pct"] = 100 * max(loadgen) / wall if loadgen else None
