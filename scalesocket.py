@@ -295,6 +295,7 @@ class FrameParser:
         # (opcode, payload offset, mask key) of a frame whose payload is still arriving
         self._partial: tuple[int, int, bytes] | None = None
         self.allow_rsv1 = False  # set when permessage-deflate is negotiated
+        self._plain = bytearray()  # the unmasked start of the frame still arriving
         self._frames: list[Frame] = []
         self._error: ProtocolError | None = None
 
@@ -369,9 +370,20 @@ class FrameParser:
                 mask = bytes(buf[pos + head - 4 : pos + head]) if self.masked else b""
                 self._partial = (b0, head, mask)
                 break
-            payload = bytes(buf[pos + head : pos + head + length])
-            if self.masked:
-                payload = apply_mask(payload, bytes(buf[pos + head - 4 : pos + head]))
+            plain = self._plain
+            if plain:  # this frame was partly unmasked while it arrived: only the rest is left
+                done = len(plain)
+                rest = bytes(buf[pos + head + done : pos + head + length])
+                if self.masked:
+                    mask = bytes(buf[pos + head - 4 : pos + head])
+                    rest = apply_mask(rest, mask[done % 4 :] + mask[: done % 4])
+                plain += rest
+                payload = bytes(plain)
+                self._plain = bytearray()
+            else:
+                payload = bytes(buf[pos + head : pos + head + length])
+                if self.masked:
+                    payload = apply_mask(payload, bytes(buf[pos + head - 4 : pos + head]))
             frames.append(Frame(Opcode(opcode), payload, bool(b0 & 0x80), bool(b0 & 0x40)))
             pos += head + length
             del buf[:pos]  # consumed at once, so an error below keeps these frames
@@ -391,13 +403,18 @@ class FrameParser:
     def partial_payload(self, start: int) -> bytes:
         """Return the payload received so far of the frame still arriving,
         from ``start`` on, unmasked.
+
+        What is unmasked here is kept, so each byte is unmasked once, however
+        the frame arrives.
         """
         _, head, mask = self._partial
-        data = bytes(self._buf[head + start :])
-        if mask:
-            shift = start % 4
-            data = apply_mask(data, mask[shift:] + mask[:shift])
-        return data
+        plain = self._plain
+        done = len(plain)
+        new = bytes(self._buf[head + done :])
+        if mask and new:
+            new = apply_mask(new, mask[done % 4 :] + mask[: done % 4])
+        plain += new
+        return bytes(plain[start:]) if start < done else new[start - done :]
 
 
 def inflate(inflater, data: bytes, final: bool, limit: int) -> bytes:
