@@ -1,6 +1,6 @@
 """Benchmark scalesocket.py against a websockets-library stand-in and websocketd.
 
-    python3 bench/bench.py                      # full run (about 5-10 minutes)
+    python3 bench/bench.py                      # full run (2-3 minutes on an idle machine)
     python3 bench/bench.py --quick              # short run (about a minute)
     python3 bench/bench.py --only rtt,fanout    # some workloads only
     python3 bench/bench.py --json /tmp/bench-results.json
@@ -19,21 +19,27 @@ Servers, all relaying through `cat` on 127.0.0.1 only:
   yardstick anyway (handshakes, idle memory; both include a ``cat`` per
   connection for it). Other cells are "–".
 
-Workloads (the load generator is bench/loadgen.js, node + the `ws` package):
+Workloads (the load generator is bench/loadgen.js: node, the `ws` package,
+and bare clients on node's net module where ws's own cost per connection or
+per message would make the load generator the bottleneck):
 
 1. rtt        round trip of 64 B text through ``cat``, one client, sequential:
               msg/s and latency p50/p99 (µs).
 2. fanout     100 clients in one room, one of them sends 2,000 messages at
               once: deliveries/s (100 × 2,000 / time until the last client has
               all) and lost messages (each client checks it got all, in order).
-              A run lasts a fraction of a second, so start-up latency weighs;
+              The 99 receivers are bare clients in 2 processes. A run lasts a
+              fraction of a second, so start-up latency weighs;
    fanout20k  the same with 20,000 messages, one run: the sustained rate.
 3. big        1 MiB text messages echoed through ``cat``, sequential: MB/s.
-4. handshake  2,000 connections (open, upgrade, close; 8 at once) to one room
-              whose child an "anchor" client keeps alive: connections/s.
+4. handshake  2,000 connections (open, upgrade, close; 8 at once; bare
+              clients) to one room whose child an "anchor" client keeps alive:
+              connections/s.
 5. idle       10,000 connections held in one room: the server's PSS
               (/proc/PID/smaps_rollup) before and after, KiB per connection,
-              and whether all were held (and, with rooms, all got a broadcast).
+              and whether all were held (and, with rooms, all got a broadcast;
+              with websocketd, each got its echo). websocketd holds 4 fds per
+              connection, so under a hard fd limit it gets fewer connections.
 6. rooms      500 distinct rooms, 4 at once, each: connect, send, get the
               echo, close (a child spawned and stopped per room): rooms/s.
 
@@ -53,7 +59,7 @@ tottime, leaving out the event loop's idle wait in epoll.
 
 Install (bench.py does each step itself when the thing is missing):
 
-    cd bench && npm install                  # ws into bench/node_modules
+    cd bench && npm install                  # ws and bufferutil into bench/node_modules
     python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install websockets
     apt-get update && apt-get install -y websocketd     # optional; as root
 
@@ -78,7 +84,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
@@ -88,7 +94,8 @@ WS_SERVER = os.path.join(BENCH_DIR, "ws_server.py")
 VENV = "/tmp/bench-venv"
 VENV_PYTHON = os.path.join(VENV, "bin", "python")
 NOFILE = 65536  # fd limit wanted for the servers and the load generator (idle holds 10,000)
-WORKLOAD_TIMEOUT = 60  # seconds, per run of a workload
+WORKLOAD_TIMEOUT = 60  # seconds: all the runs of one workload on one server
+RUN_LIMIT = 600  # seconds: no workload starts after this much of a whole run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"  # every server listens, and every client connects, here only
 
@@ -174,7 +181,8 @@ def idle_cap(kind: str) -> int | None:
     """How many idle connections a server can hold under the fd limit, if that binds.
 
     websocketd holds 4 fds per connection (the socket and cat's three pipes),
-    more while it spawns; the others hold one (their room's child is shared).
+    more while it spawns (the load generator lets at most --concurrency spawn
+    at once); the others hold one (their room's child is shared).
     """
     if kind != "websocketd":
         return None
@@ -185,8 +193,9 @@ def idle_cap(kind: str) -> int | None:
 def ensure_node_ws() -> None:
     if shutil.which("node") is None:
         sys.exit("bench: node is required (node >= 18)")
-    if not os.path.isdir(os.path.join(BENCH_DIR, "node_modules", "ws")):
-        log("installing ws: npm install in bench/")
+    modules = os.path.join(BENCH_DIR, "node_modules")
+    if not all(os.path.isdir(os.path.join(modules, m)) for m in ("ws", "bufferutil")):
+        log("installing ws and bufferutil: npm install in bench/")
         subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=BENCH_DIR, check=True,
                        stdout=subprocess.DEVNULL)
 
@@ -411,8 +420,8 @@ class Server:
 class LoadGen:
     """node loadgen.js, with its JSON-line events read by a thread as they come."""
 
-    def __init__(self, workload: str, args: list[str]) -> None:
-        self.proc = subprocess.Popen(["node", LOADGEN, workload, *args, "--timeout", str(WORKLOAD_TIMEOUT)],
+    def __init__(self, workload: str, args: list[str], timeout: float) -> None:
+        self.proc = subprocess.Popen(["node", LOADGEN, workload, *args, "--timeout", f"{timeout:.0f}"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=BENCH_DIR, text=True)
         self.events: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -443,13 +452,17 @@ class LoadGen:
             self.proc.wait()
 
 
-def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
-    """Run the load generator once; return its "end" figures plus CPU and memory."""
+def run_once(server: Server, workload: Workload, args: list[str], timeout: float) -> dict:
+    """Run the load generator once; return its "end" figures plus CPU and memory.
+
+    The load generator stops by itself after ``timeout`` seconds (reporting
+    what it has); past that and a grace period, it is killed.
+    """
     extra = []
     if workload.name == "handshake" and server.kind != "websocketd":
         extra.append("--anchor")
-    if workload.name == "idle" and server.kind != "websocketd":
-        extra.append("--broadcast")
+    if workload.name == "idle":
+        extra.append("--broadcast" if server.kind != "websocketd" else "--echo")
     cap = idle_cap(server.kind) if workload.name == "idle" else None
     if cap is not None and int(args[args.index("--count") + 1]) > cap:
         log(f"{server.kind}: {cap} idle connections at most under the fd limit "
@@ -457,8 +470,8 @@ def run_once(server: Server, workload: Workload, args: list[str]) -> dict:
         args = with_option(args, "count", str(cap))
     result: dict = {}
     pss_before = pss_kib(server.pid)
-    gen = LoadGen(workload.loadgen or workload.name, ["--url", server.url, *args, *extra])
-    deadline = time.monotonic() + WORKLOAD_TIMEOUT + 45
+    gen = LoadGen(workload.loadgen or workload.name, ["--url", server.url, *args, *extra], timeout)
+    deadline = time.monotonic() + timeout + 45  # its own hard stop is at timeout + 30
     begin = None
     while True:
         t, ev = gen.next_event(deadline)
@@ -510,16 +523,24 @@ def run_workload(kind: str, workload: Workload, quick: bool, budget: list[float]
                  profile_out: str | None = None) -> dict:
     """Start a server, run the workload (its runs), stop the server; the median run.
 
-    budget[0] is how long, in all, the runs may still wait for a quiet machine.
+    The runs share WORKLOAD_TIMEOUT seconds, not counting the waits for a
+    quiet machine: budget[0] is how long, in all, those may still take.
     """
     args = workload.quick_args if quick else workload.args
     runs = 1 if quick or profile_out else workload.runs
     server = Server(kind, workload.name, profile_out)
     results = []
+    end = time.monotonic() + WORKLOAD_TIMEOUT  # the runs share this; waiting for quiet aside
     try:
         for i in range(runs):
+            waited = time.monotonic()
             busy = wait_for_quiet(budget)
-            r = run_once(server, workload, args)
+            end += time.monotonic() - waited  # waiting for a quiet machine does not count
+            left = end - time.monotonic()
+            if results and left < 5:
+                log(f"{kind} {workload.name}: out of time after {i} runs")
+                break
+            r = run_once(server, workload, args, max(left, 5))
             r["busy_before_pct"] = busy
             results.append(r)
             log(f"{kind} {workload.name} run {i + 1}/{runs}: " + summary(workload, r))
@@ -542,8 +563,11 @@ def run_workload(kind: str, workload: Workload, quick: bool, budget: list[float]
 
 
 def summary(workload: Workload, r: dict) -> str:
+    """One line on a run, for the log."""
     if "error" in r:
         return f"ERROR {r['error']}"
+    if r.get("timeout"):
+        return "TIMEOUT (partial figures) " + summary(workload, {k: v for k, v in r.items() if k != "timeout"})
     cpu = (f" | cpu: server {r.get('server_cpu_pct', 0):.0f}% loadgen {r.get('loadgen_cpu_pct') or 0:.0f}%"
            f" child {r.get('children_cpu_pct', 0):.0f}% other {r.get('other_cpu_pct', 0):.0f}%")
     if workload.name == "rtt":
@@ -570,7 +594,7 @@ def fmt_num(value: float | None) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-# (workload, row label, figure, show server CPU, how to read the ratio)
+# (workload, row label, figure of the median run, show the server CPU beside it)
 ROWS = [
     ("rtt", "round trip 64 B: msg/s", "msg_per_s", True),
     ("rtt", "round trip 64 B: p50 µs (lower is better)", "p50_us", False),
@@ -766,6 +790,9 @@ def main() -> int:
         results[name] = {}
         for kind in servers:
             if kind not in wl.servers:
+                continue
+            if time.monotonic() - started > RUN_LIMIT:
+                log(f"skipping {kind} {name}: the run has taken over {RUN_LIMIT} s")
                 continue
             try:
                 results[name][kind] = run_workload(kind, wl, args.quick, budget)

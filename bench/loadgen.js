@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Load generator for bench/bench.py: WebSocket clients on node, built on the
-// `ws` package and, where the load generator's own cost would weigh, on a bare
-// client over node's net module (see rawOpen).
+// `ws` package (with its native `bufferutil` masking when installed) and,
+// where the load generator's own cost would weigh, on a bare client over
+// node's net module (see rawOpen).
 //
 //   node bench/loadgen.js WORKLOAD --url ws://127.0.0.1:PORT [options]
 //
@@ -24,7 +25,7 @@
 //              clients, or ws with --client ws
 //   idle       open --count connections (ws) to one room, hold them; after "go"
 //              on stdin check they are all still open and (--broadcast) that a
-//              message reaches every one
+//              message reaches every one; --echo: each gets an echo once opened
 //   rooms      --count distinct rooms (ws): connect, send, get the echo, close
 "use strict";
 
@@ -42,7 +43,7 @@ function parseArgs(argv) {
   const opts = {
     workload: argv[0], url: "ws://127.0.0.1:9000", room: "bench", count: 1000, size: 64,
     warmup: 200, clients: 100, messages: 2000, procs: 2, window: 0, concurrency: 16,
-    anchor: false, broadcast: false, client: "raw", timeout: 60,
+    anchor: false, broadcast: false, echo: false, client: "raw", timeout: 60,
   };
   for (let i = 1; i < argv.length; i++) {
     const key = argv[i].replace(/^--/, "");
@@ -59,8 +60,14 @@ const emit = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 
 // A payload of `size` ASCII bytes that starts with the sequence number `seq`
 // (9 digits), so a receiver can check the order without decoding all of it.
-function payload(seq, size) {
+// With `into` (a buffer of the right size), that buffer is reused: only its
+// head is rewritten, which spares a 1 MiB allocation per message.
+function payload(seq, size, into = null) {
   const head = String(seq).padStart(9, "0");
+  if (into) {
+    into.write(head, 0, "latin1");
+    return into;
+  }
   return Buffer.from(head + "x".repeat(Math.max(0, size - head.length)));
 }
 
@@ -68,6 +75,15 @@ function seqOf(buf, start = 0) {
   let n = 0;
   for (let i = start; i < start + 9; i++) n = n * 10 + (buf[i] - 48);
   return n;
+}
+
+// A promise that rejects if `promise` has not settled within `ms`.
+function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no answer in ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 function open(url) {
@@ -99,8 +115,11 @@ async function sequential(opts, warmup) {
   ws.on("close", () => pending && pending(null));
   // The deadline covers warm-up and timed phase; a lost echo ends the run then.
   const timer = setTimeout(() => { timedOut = true; if (pending) pending(null); }, opts.timeout * 1000);
+  // One message in flight, so one buffer serves them all (ws copies it as it
+  // masks it, and the echo is compared before the next message is written).
+  const buffer = payload(0, opts.size);
   const roundTrip = (seq) => new Promise((resolve) => {
-    const msg = payload(seq, opts.size);
+    const msg = payload(seq, opts.size, buffer);
     pending = (data) => {
       if (data === null || !data.equals(msg)) bad++;
       pending = null;
@@ -172,8 +191,9 @@ async function fanout(opts) {
   await own.finished(deadline);
   const ok = await waitFor("done", deadline);
   const results = [own.summary(), ...workers.flatMap((w) => (w.msgs.find((m) => m.kind === "done") || { clients: [] }).clients)];
-  const tLast = Math.max(...results.map((r) => r.t_last || 0));
-  const elapsed = (tLast - t0) / 1000;
+  // Until the last client had them all; or, if some never did, until now.
+  const complete = results.every((r) => r.received >= opts.messages);
+  const elapsed = ((complete ? Math.max(...results.map((r) => r.t_last)) : now()) - t0) / 1000;
   const received = results.reduce((s, r) => s + r.received, 0);
   const expected = opts.clients * opts.messages;
   emit({
@@ -311,12 +331,17 @@ function frameParser(onFrame) {
 // (as ws does once both close frames have passed), wait until it is closed.
 async function rawHandshake(url) {
   const { sock, rest } = await rawOpen(url);
+  const guard = setTimeout(() => sock.destroy(), 10000); // a server that never closes
   return new Promise((resolve, reject) => {
     let gotClose = false;
     const parse = frameParser((opcode) => { if (opcode === 8 && !gotClose) { gotClose = true; sock.end(); } });
     sock.on("data", parse);
     sock.on("error", () => {});
-    sock.on("close", () => (gotClose ? resolve() : reject(new Error("no close frame"))));
+    sock.on("close", () => {
+      clearTimeout(guard);
+      if (gotClose) resolve();
+      else reject(new Error("no close frame"));
+    });
     sock.write(CLOSE_1000);
     if (rest.length) parse(rest);
   });
@@ -331,6 +356,7 @@ async function handshake(opts) {
   const connect = opts.client === "ws"
     ? async () => { const ws = await open(url); ws.close(); await closed(ws); }
     : () => rawHandshake(url);
+  const STEP_TIMEOUT = 10000; // ms for one connection's open-upgrade-close
   let started = 0, done = 0, failed = 0;
   const errors = {};
   const lat = [];
@@ -339,7 +365,7 @@ async function handshake(opts) {
       started++;
       const t = now();
       try {
-        await connect();
+        await withTimeout(connect(), STEP_TIMEOUT, "handshake");
         done++;
         lat.push((now() - t) * 1000);
       } catch (e) {
@@ -375,6 +401,17 @@ async function idle(opts) {
         const ws = await open(url);
         ws.on("close", () => closedCount++);
         ws.on("error", () => {});
+        if (opts.echo) {
+          // Without rooms (websocketd): wait until this connection's own child
+          // echoes, so that no more than --concurrency children are starting
+          // at once, and each connection counted is served.
+          const echoed = new Promise((resolve, reject) => {
+            ws.once("message", resolve);
+            ws.once("close", () => reject(new Error("closed before the echo")));
+          });
+          ws.send("hello");
+          await withTimeout(echoed, 10000, "echo");
+        }
         conns.push(ws);
       } catch (e) {
         failed++;
@@ -410,6 +447,7 @@ async function idle(opts) {
 async function rooms(opts) {
   const deadline = now() + opts.timeout * 1000;
   let started = 0, done = 0, failed = 0;
+  const errors = {};
   const lat = [];
   const tag = `${opts.room}-${process.pid}`;
   async function loop() {
@@ -417,17 +455,20 @@ async function rooms(opts) {
       const n = started++;
       const t = now();
       try {
-        const ws = await open(roomUrl(opts, `${tag}-${n}`));
-        const msg = `hello ${n}`;
-        const echo = new Promise((resolve) => ws.once("message", (d) => resolve(d.toString())));
-        ws.send(msg);
-        if ((await echo) !== msg) throw new Error("bad echo");
-        ws.close();
-        await closed(ws);
+        await withTimeout((async () => {
+          const ws = await open(roomUrl(opts, `${tag}-${n}`));
+          const msg = `hello ${n}`;
+          const echo = new Promise((resolve) => ws.once("message", (d) => resolve(d.toString())));
+          ws.send(msg);
+          if ((await echo) !== msg) throw new Error("bad echo");
+          ws.close();
+          await closed(ws);
+        })(), 10000, "room");
         done++;
         lat.push((now() - t) * 1000);
       } catch (e) {
         failed++;
+        errors[e.message] = (errors[e.message] || 0) + 1;
       }
     }
   }
@@ -437,7 +478,7 @@ async function rooms(opts) {
   const elapsed = (now() - t0) / 1000;
   lat.sort((a, b) => a - b);
   emit({
-    ev: "end", rooms: done, failed, elapsed, per_s: done / elapsed, timeout: done + failed < opts.count,
+    ev: "end", rooms: done, failed, errors, elapsed, per_s: done / elapsed, timeout: done + failed < opts.count,
     p50_us: lat[Math.floor(lat.length / 2)], p99_us: lat[Math.floor(lat.length * 0.99)],
   });
 }

@@ -69,6 +69,8 @@ class Room:
 
 
 class Hub:
+    """All rooms; serves each connection."""
+
     def __init__(self, cmd: list[str]) -> None:
         self.cmd = cmd
         self.rooms: dict[str, Room] = {}
