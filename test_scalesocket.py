@@ -1540,7 +1540,9 @@ def test_maxrooms_closes_extra_rooms_1013(serve):
     assert code == 1013 and "too many rooms" in reason
     a.close()
     a2.close()
-    wait_until(lambda: server.call(lambda: not server.server.hub.rooms), what="room one to end")
+    # A room counts until its child is gone, not only until its last client left.
+    wait_until(lambda: server.call(lambda: not server.server.hub.rooms and not server.server.hub._stopping),
+               what="room one's child to be gone")
     c = server.connect("/two")
     c.send_text("now")
     assert c.recv_text() == "now"
