@@ -348,24 +348,19 @@ async function rawHandshake(url) {
 }
 
 // handshake: open, upgrade, close; --concurrency loops at once.
-async function handshake(opts) {
-  const url = roomUrl(opts, opts.room);
-  const anchor = opts.anchor ? await open(url) : null; // keeps the room's child alive
-  if (anchor) { anchor.send("anchor"); await new Promise((r) => anchor.once("message", r)); }
+// Run step(n) for n = 0..count-1 on --concurrency parallel loops until the
+// deadline; emit begin, then end with the count done, failures, rate and latency.
+async function concurrently(opts, name, step) {
   const deadline = now() + opts.timeout * 1000;
-  const connect = opts.client === "ws"
-    ? async () => { const ws = await open(url); ws.close(); await closed(ws); }
-    : () => rawHandshake(url);
-  const STEP_TIMEOUT = 10000; // ms for one connection's open-upgrade-close
   let started = 0, done = 0, failed = 0;
   const errors = {};
   const lat = [];
   async function loop() {
     while (started < opts.count && now() < deadline) {
-      started++;
+      const n = started++;
       const t = now();
       try {
-        await withTimeout(connect(), STEP_TIMEOUT, "handshake");
+        await withTimeout(step(n), 10000, name); // 10 s for one step at most
         done++;
         lat.push((now() - t) * 1000);
       } catch (e) {
@@ -379,10 +374,21 @@ async function handshake(opts) {
   await Promise.all(Array.from({ length: opts.concurrency }, loop));
   const elapsed = (now() - t0) / 1000;
   lat.sort((a, b) => a - b);
-  emit({
-    ev: "end", connections: done, failed, errors, elapsed, per_s: done / elapsed, timeout: done + failed < opts.count,
+  return {
+    done, failed, errors, elapsed, per_s: done / elapsed, timeout: done + failed < opts.count,
     p50_us: lat[Math.floor(lat.length / 2)], p99_us: lat[Math.floor(lat.length * 0.99)],
-  });
+  };
+}
+
+async function handshake(opts) {
+  const url = roomUrl(opts, opts.room);
+  const anchor = opts.anchor ? await open(url) : null; // keeps the room's child alive
+  if (anchor) { anchor.send("anchor"); await new Promise((r) => anchor.once("message", r)); }
+  const connect = opts.client === "ws"
+    ? async () => { const ws = await open(url); ws.close(); await closed(ws); }
+    : () => rawHandshake(url);
+  const { done, ...rest } = await concurrently(opts, "handshake", connect);
+  emit({ ev: "end", connections: done, ...rest });
   if (anchor) { anchor.close(); await closed(anchor); }
 }
 
@@ -445,42 +451,17 @@ async function idle(opts) {
 
 // rooms: each round opens a room of its own (the server spawns its child).
 async function rooms(opts) {
-  const deadline = now() + opts.timeout * 1000;
-  let started = 0, done = 0, failed = 0;
-  const errors = {};
-  const lat = [];
   const tag = `${opts.room}-${process.pid}`;
-  async function loop() {
-    while (started < opts.count && now() < deadline) {
-      const n = started++;
-      const t = now();
-      try {
-        await withTimeout((async () => {
-          const ws = await open(roomUrl(opts, `${tag}-${n}`));
-          const msg = `hello ${n}`;
-          const echo = new Promise((resolve) => ws.once("message", (d) => resolve(d.toString())));
-          ws.send(msg);
-          if ((await echo) !== msg) throw new Error("bad echo");
-          ws.close();
-          await closed(ws);
-        })(), 10000, "room");
-        done++;
-        lat.push((now() - t) * 1000);
-      } catch (e) {
-        failed++;
-        errors[e.message] = (errors[e.message] || 0) + 1;
-      }
-    }
-  }
-  emit({ ev: "begin", pids: [process.pid] });
-  const t0 = now();
-  await Promise.all(Array.from({ length: opts.concurrency }, loop));
-  const elapsed = (now() - t0) / 1000;
-  lat.sort((a, b) => a - b);
-  emit({
-    ev: "end", rooms: done, failed, errors, elapsed, per_s: done / elapsed, timeout: done + failed < opts.count,
-    p50_us: lat[Math.floor(lat.length / 2)], p99_us: lat[Math.floor(lat.length * 0.99)],
+  const { done, ...rest } = await concurrently(opts, "room", async (n) => {
+    const ws = await open(roomUrl(opts, `${tag}-${n}`));
+    const msg = `hello ${n}`;
+    const echo = new Promise((resolve) => ws.once("message", (d) => resolve(d.toString())));
+    ws.send(msg);
+    if ((await echo) !== msg) throw new Error("bad echo");
+    ws.close();
+    await closed(ws);
   });
+  emit({ ev: "end", rooms: done, ...rest });
 }
 
 async function main() {
