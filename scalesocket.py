@@ -52,6 +52,7 @@ __all__ = [
     "HTTPError",
     "Message",
     "Opcode",
+    "PerMessageDeflate",
     "ProtocolError",
     "Server",
     "WebSocketProtocol",
@@ -1249,8 +1250,8 @@ class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
 class Room:
     """One room: its clients, its child process and the pumps around it.
 
-    The child's input and output are streams: its stdin and stdout, or in TCP
-    mode a connection to the port it listens on.
+    The child's input and output are streams: its stdin and stdout, a
+    connection to the port it listens on (--tcp), or a terminal (--pty).
     """
 
     def __init__(self, hub: Hub, name: str) -> None:
@@ -1324,24 +1325,21 @@ class Room:
         self.hub.on_child_start(self)
         if self.proc.stderr is not None:
             self._tasks.append(loop.create_task(self._pump_log(self.proc.stderr, "stderr")))
+        # The holder is what to close if the output outlives the child.
         if config.tcp:
             self._tasks.append(loop.create_task(self._pump_log(self.proc.stdout, "stdout")))
             try:
-                output, self._input = await self._connect_tcp()
+                self._output, self._input = await self._connect_tcp()
             except ProcessSpawnError:
                 await self._kill()
                 raise
+            self._holder = self._input.transport
         elif config.pty:
-            output, self._input, holder = await _connect_pty(master)
+            self._output, self._input, self._holder = await _connect_pty(master)
         else:
-            output, self._input = self.proc.stdout, self.proc.stdin
-        self._output = output
-        # What to close if the output outlives the child: its stdout pipe, or
-        # the TCP connection, or the terminal.
-        if not config.pty:
-            holder = self._input.transport if config.tcp else transport.get_pipe_transport(1)
-        self._holder = holder
-        self._tasks.append(loop.create_task(self._watch_exit(holder)))
+            self._output, self._input = self.proc.stdout, self.proc.stdin
+            self._holder = transport.get_pipe_transport(1)
+        self._tasks.append(loop.create_task(self._watch_exit(self._holder)))
 
     async def _watch_exit(self, holder: asyncio.BaseTransport) -> None:
         """Make sure the output pump ends once the child has exited.
