@@ -23,7 +23,6 @@ import codecs
 import collections
 import email.utils
 import enum
-import errno
 import fcntl
 import hashlib
 import http
@@ -35,6 +34,7 @@ import re
 import signal
 import ssl
 import struct
+import subprocess
 import sys
 import termios
 import urllib.parse
@@ -82,7 +82,6 @@ EXIT_DRAIN = 1.0  # seconds after a child's exit for what it started to let go o
 TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
 CHILD_HIGH_WATER = 64 * 1024  # bytes queued for a child before its clients wait
 WAIT_PING = 2.0  # seconds between pings to a client waiting on its child
-READ_CHUNK = 256 * 1024
 FILE_CHUNK = 64 * 1024
 DEFAULT_PASSENV = ("PATH", "DYLD_LIBRARY_PATH")
 FRAME_MODES = ("json", "gwsocket")
@@ -1212,46 +1211,81 @@ def open_pty() -> tuple[int, int]:
     return master, slave
 
 
-class _PtyReaderProtocol(asyncio.StreamReaderProtocol):
-    def connection_lost(self, exc: Exception | None) -> None:
-        # Reading a terminal whose other side has closed fails with EIO: that
-        # is its end of file, and what was read before it must still be read.
-        if isinstance(exc, OSError) and exc.errno == errno.EIO:
-            exc = None
-        super().connection_lost(exc)
+class _ChildProtocol(asyncio.SubprocessProtocol):
+    """Hand a child process's events to its room as they happen.
 
+    Output on stdout (unless --tcp) goes to the room as it is read, with no
+    task or queue in between; other output is logged. ``exited`` is done when
+    the child exits, whoever still holds its pipes.
+    """
 
-async def _connect_pty(master: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.BaseTransport]:
-    """Wrap a pty master in streams: (output reader, input writer, read transport)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=READ_CHUNK)
-    read_transport, _ = await loop.connect_read_pipe(
-        lambda: _PtyReaderProtocol(reader), os.fdopen(master, "rb", buffering=0))
-    write_transport, write_protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(os.dup(master), "wb", buffering=0))
-    writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
-    return reader, writer, read_transport
-
-
-class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """The asyncio subprocess protocol, plus a future that is done when the child
-    exits, whoever still holds its pipes."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=READ_CHUNK, loop=loop)
+    def __init__(self, room: Room, loop: asyncio.AbstractEventLoop) -> None:
+        self.room = room
         self.exited = loop.create_future()
+        self.output_fd = None if room.config.tcp or room.config.pty else 1
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == self.output_fd:
+            self.room.output_received(data)
+        else:
+            self.room.log_received(fd, data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == self.output_fd:
+            self.room.output_ended()
+        elif fd == 0:
+            self.room.input_resumed()  # nothing more can be written: no one waits for it
 
     def process_exited(self) -> None:
-        super().process_exited()
         if not self.exited.done():
             self.exited.set_result(None)
 
+    def pause_writing(self) -> None:
+        self.room.input_paused()
+
+    def resume_writing(self) -> None:
+        self.room.input_resumed()
+
+
+class _StreamProtocol(asyncio.Protocol):
+    """Hand the events of a child's TCP connection (--tcp) or terminal (--pty) to its room."""
+
+    def __init__(self, room: Room, output: bool = True) -> None:
+        self.room: Room | None = room  # None once detached: events are ignored
+        self.output = output  # False for the terminal's write side
+
+    def data_received(self, data: bytes) -> None:
+        if self.room is not None:
+            self.room.output_received(data)
+
+    def eof_received(self) -> None:
+        if self.room is not None:
+            self.room.output_ended()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A reset connection, or EIO from a terminal whose other side has
+        # closed, also ends the output; what was read before it is delivered.
+        if self.room is not None:
+            if self.output:
+                self.room.output_ended()
+            self.room.input_resumed()
+
+    def pause_writing(self) -> None:
+        if self.room is not None:
+            self.room.input_paused()
+
+    def resume_writing(self) -> None:
+        if self.room is not None:
+            self.room.input_resumed()
+
 
 class Room:
-    """One room: its clients, its child process and the pumps around it.
+    """One room: its clients, its child process and the relay between them.
 
-    The child's input and output are streams: its stdin and stdout, a
-    connection to the port it listens on (--tcp), or a terminal (--pty).
+    The child's input and output are its stdin and stdout, a connection to
+    the port it listens on (--tcp), or a terminal (--pty). Output reaches the
+    room as it is read (``output_received``) and goes to the clients at once;
+    a client's message goes to the child's input as it is parsed.
     """
 
     def __init__(self, hub: Hub, name: str) -> None:
@@ -1261,26 +1295,29 @@ class Room:
         self.clients: dict[int, Client] = {}
         self.metadata: dict | None = None
         self.cache = hub.cache_for(name)
-        self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
         self._exited: asyncio.Future | None = None  # done when the child has exited
         self._transport: asyncio.SubprocessTransport | None = None
-        self._holder: asyncio.BaseTransport | None = None
         self.port: int | None = None
         self.ended = False  # no client may join once the child is gone or going
         self.starting: asyncio.Task | None = None
         self.failure: str | None = None  # why the server stopped the child, if it did
         self.stats = collections.Counter()  # connections, messages and bytes in and out
-        self._input: asyncio.StreamWriter | None = None
-        self._output: asyncio.StreamReader | None = None  # until start_output()
+        self._input: asyncio.WriteTransport | None = None
+        self._output: asyncio.ReadTransport | None = None
+        self._held: list[bytes] | None = []  # output read before the first client is in
+        self._output_done = False
         self._killed = False
         self._tasks: list[asyncio.Task] = []
-        self._drainer: asyncio.Task | None = None  # waits while the child is behind
+        self._resumed: asyncio.Future | None = None  # while the child is behind on its input
+        self._waiting: set[Client] = set()  # clients not read until it catches up
+        self._pinger: asyncio.TimerHandle | None = None
         self._out = bytearray()  # output that does not make a whole message yet
 
     # The child's life.
 
     async def start(self, env: dict[str, str]) -> None:
-        """Start the child and its pumps.
+        """Start the child and connect to its input and output.
 
         Raises:
             ProcessSpawnError: the child could not be started or, in TCP mode,
@@ -1289,17 +1326,17 @@ class Room:
         """
         config = self.config
         loop = asyncio.get_running_loop()
-        stdin = stdout = stderr = asyncio.subprocess.PIPE
+        stdin = stdout = stderr = subprocess.PIPE
         if config.tcp:
             self.port = self.hub.ports.take()
             env["PORT"] = str(self.port)
-            stdin = asyncio.subprocess.DEVNULL
+            stdin = subprocess.DEVNULL
         elif config.pty:
             master, stdin = open_pty()
             stdout = stderr = stdin  # all three on the terminal, as in a terminal window
         try:
             transport, protocol = await loop.subprocess_exec(
-                lambda: _ChildProtocol(loop),
+                lambda: _ChildProtocol(self, loop),
                 config.cmd,
                 *config.args,
                 stdin=stdin,
@@ -1319,79 +1356,85 @@ class Room:
         finally:
             if config.pty:
                 os.close(stdin)  # the child has its own copy of the terminal's side
-        self.proc = asyncio.subprocess.Process(transport, protocol, loop)
         self._transport = transport
+        self.pid = transport.get_pid()
         self._exited = protocol.exited
         self.hub.on_child_start(self)
-        if self.proc.stderr is not None:
-            self._tasks.append(loop.create_task(self._pump_log(self.proc.stderr, "stderr")))
-        # The holder is what to close if the output outlives the child.
         if config.tcp:
-            self._tasks.append(loop.create_task(self._pump_log(self.proc.stdout, "stdout")))
             try:
-                self._output, self._input = await self._connect_tcp()
+                self._input = self._output = await self._connect_tcp()
             except ProcessSpawnError:
                 await self._kill()
                 raise
-            self._holder = self._input.transport
         elif config.pty:
-            self._output, self._input, self._holder = await _connect_pty(master)
+            self._output, _ = await loop.connect_read_pipe(
+                lambda: _StreamProtocol(self), os.fdopen(master, "rb", buffering=0))
+            self._input, _ = await loop.connect_write_pipe(
+                lambda: _StreamProtocol(self, output=False), os.fdopen(os.dup(master), "wb", buffering=0))
         else:
-            self._output, self._input = self.proc.stdout, self.proc.stdin
-            self._holder = transport.get_pipe_transport(1)
-        self._tasks.append(loop.create_task(self._watch_exit(self._holder)))
+            self._input, self._output = transport.get_pipe_transport(0), transport.get_pipe_transport(1)
+        self._input.set_write_buffer_limits(high=CHILD_HIGH_WATER)
+        self._tasks.append(loop.create_task(self._watch_exit(self._output)))
 
-    async def _watch_exit(self, holder: asyncio.BaseTransport) -> None:
-        """Make sure the output pump ends once the child has exited.
+    async def _watch_exit(self, output: asyncio.BaseTransport) -> None:
+        """Make sure the output ends once the child has exited.
 
         Helpers the child left in its process group are stopped with it; if
         something outside the group still holds the output open after
-        EXIT_DRAIN, the output is ended by force. (Since Python 3.12,
-        Process.wait() also waits for the pipes, so it is not used here.)
+        EXIT_DRAIN, the output is ended by force.
         """
         await self._exited
         for signum in (signal.SIGTERM, signal.SIGKILL):
             # Signalled only while the output is open: once the group is empty
             # its number could in time belong to another process group.
-            if holder.is_closing():
+            if output.is_closing():
                 return
             try:
-                os.killpg(self.proc.pid, signum)
+                os.killpg(self.pid, signum)
             except (ProcessLookupError, PermissionError):
                 pass
             await asyncio.sleep(EXIT_DRAIN)
-        holder.close()  # the pump then reads what is buffered, and the end
+        output.close()  # what was read is delivered, then the end
 
     def start_output(self) -> None:
         """Start relaying the child's output, once its first client is in the room.
 
         Not earlier: what the child writes at once (a greeting, a prompt) must
-        reach that client, not an empty room.
+        reach that client, not an empty room. Until then output is held, not
+        left unread: a terminal whose child has exited loses what is unread.
+        It is held only while the room's first client waits for the start.
         """
-        if self._output is not None:
-            output, self._output = self._output, None
-            self._tasks.append(asyncio.get_running_loop().create_task(self._pump_output(output)))
+        held, self._held = self._held, None
+        if held is None:
+            return
+        for data in held:
+            self.output_received(data)
+        if self._output_done:
+            self._end_output()
 
-    async def _connect_tcp(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect_tcp(self) -> asyncio.Transport:
         """Connect to the child's port as soon as it listens (after --delay)."""
         loop = asyncio.get_running_loop()
         if self.config.delay:
             await asyncio.sleep(self.config.delay)
         deadline = loop.time() + TCP_CONNECT_TIMEOUT
         while True:
+            protocol = _StreamProtocol(self)
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                transport, _ = await loop.create_connection(lambda: protocol, "127.0.0.1", self.port)
             except OSError:
                 pass
             else:
-                sock = writer.get_extra_info("socket")
+                sock = transport.get_extra_info("socket")
                 if sock.getsockname() != sock.getpeername():
-                    return reader, writer
+                    return transport
                 # Nothing listened yet and the kernel gave us the same port as
                 # our own source port: a TCP self-connection. Not the child.
-                writer.close()
+                protocol.room = None
+                transport.abort()
             if self._exited.done():
-                raise ProcessSpawnError(f"child exited with code {self.proc.returncode} before listening on port {self.port}")
+                code = self._transport.get_returncode()
+                raise ProcessSpawnError(f"child exited with code {code} before listening on port {self.port}")
             if loop.time() > deadline:
                 raise ProcessSpawnError(f"child did not listen on 127.0.0.1:{self.port} within {TCP_CONNECT_TIMEOUT:g} s")
             await asyncio.sleep(0.05)
@@ -1406,18 +1449,17 @@ class Room:
     async def _kill(self) -> None:
         """SIGTERM to the child's process group, SIGKILL after KILL_GRACE; reap it."""
         self.ended = True
-        proc = self.proc
-        if proc is not None and not self._killed:
+        if self.pid is not None and not self._killed:
             self._killed = True
             if self._input is not None and not self._input.is_closing():
                 # End of input at once, without the bytes the child never read:
                 # close() would wait for them, forever on a terminal.
-                self._input.transport.abort()
+                self._input.abort()
             # On a terminal, a hangup is what ends a session (shells ignore SIGTERM).
             first = signal.SIGHUP if self.config.pty else signal.SIGTERM
             for signum in (first, signal.SIGKILL):
                 try:
-                    os.killpg(proc.pid, signum)
+                    os.killpg(self.pid, signum)
                 except (ProcessLookupError, PermissionError):
                     pass  # the whole group is gone already
                 try:
@@ -1425,16 +1467,16 @@ class Room:
                     break
                 except asyncio.TimeoutError:
                     if signum == first:
-                        log.warning("room %r: child %d ignored %s, killing it", self.name, proc.pid, first.name,
+                        log.warning("room %r: child %d ignored %s, killing it", self.name, self.pid, first.name,
                                     extra={"room": self.name})
-            # A grandchild may still hold the pipes open; the pumps do not wait for it.
+            # A grandchild may still hold the pipes open; the room does not wait for it.
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
             self._transport.close()
-            if self._holder is not None:
-                self._holder.close()
-            log.info("room %r: child %d stopped", self.name, proc.pid, extra={"room": self.name})
+            if self._output is not None:
+                self._output.close()
+            log.info("room %r: child %d stopped", self.name, self.pid, extra={"room": self.name})
             self.hub.totals["children_stopped"] += 1
         self._release_port()
 
@@ -1445,8 +1487,8 @@ class Room:
 
     # Clients to child.
 
-    async def receive(self, client: Client, message: Message) -> None:
-        """Pass a client's message to the child, waiting while the child is behind."""
+    def receive(self, client: Client, message: Message) -> None:
+        """Pass a client's message to the child."""
         try:
             payload = to_child(message, client.id, self.config)
         except FramingError as exc:
@@ -1454,53 +1496,49 @@ class Room:
             return
         self.stats["messages_in"] += 1
         self.stats["bytes_in"] += len(message.data)
-        await self.send_to_child(payload, client)
+        self.send_to_child(payload, client)
 
-    async def send_to_child(self, data: bytes, client: Client | None = None) -> None:
-        """Write to the child; while it is behind, wait until it catches up.
+    def send_to_child(self, data: bytes, client: Client | None = None) -> None:
+        """Write to the child; while it is behind, ``client`` is not read.
 
-        The waiting client reads no more from its socket meanwhile, so memory
-        stays bounded (backpressure). The wait also ends if the client's
-        connection is lost, so a gone client can still leave a stuck room.
+        So memory stays bounded (backpressure) while the child catches up.
+        Without a client (leave messages) nothing waits.
         """
-        writer = self._input
-        if writer is None or self.ended or writer.is_closing():
+        transport = self._input
+        if transport is None or self.ended or transport.is_closing():
             return
-        writer.write(data)
-        if writer.transport.get_write_buffer_size() <= CHILD_HIGH_WATER:
-            return
-        if self._drainer is None:
-            # One drain() for all waiting clients: Python 3.9 allows one drain() waiter.
-            self._drainer = asyncio.get_running_loop().create_task(self._drain(writer))
-        if client is None:
-            await asyncio.wait({self._drainer})
-            return
-        drainer, lost = self._drainer, client.lost()
-        client.waiting = True
-        try:
-            while True:
-                done, _ = await asyncio.wait({drainer, lost}, timeout=WAIT_PING, return_when=asyncio.FIRST_COMPLETED)
-                if done:
-                    break
-                # Not read while waiting, so a peer that left would go unseen;
-                # a ping to a closed socket draws a reset, which ends ``lost``.
-                client.ping()
-        finally:
-            client.waiting = False
+        transport.write(data)
+        if self._resumed is not None and client is not None and client not in self._waiting:
+            self._waiting.add(client)
+            client.pause()
 
-    async def _drain(self, writer: asyncio.StreamWriter) -> None:
-        try:
-            await writer.drain()
-        except (ConnectionError, BrokenPipeError):
-            pass  # the child is gone; the output pump handles its exit
-        finally:
-            self._drainer = None
+    def input_paused(self) -> None:
+        """The child is behind on its input: its clients wait (called by the transport)."""
+        if self._resumed is None:
+            self._resumed = asyncio.get_running_loop().create_future()
+            self._pinger = asyncio.get_running_loop().call_later(WAIT_PING, self._ping_waiting)
 
-    def write_to_child_nowait(self, data: bytes) -> None:
-        """Write to the child without waiting (for leave messages)."""
-        writer = self._input
-        if writer is not None and not writer.is_closing():
-            writer.write(data)
+    def input_resumed(self) -> None:
+        """The child has caught up, or its input is gone: read its clients again."""
+        if self._resumed is None:
+            return
+        self._resumed.set_result(None)
+        self._resumed = None
+        self._pinger.cancel()
+        waiting, self._waiting = self._waiting, set()
+        for client in waiting:
+            client.resume()
+
+    def _ping_waiting(self) -> None:
+        # Not read while waiting, so a peer that left would go unseen; a ping
+        # to a closed socket draws a reset, which ends the connection.
+        for client in list(self._waiting):
+            client.ping()
+        self._pinger = asyncio.get_running_loop().call_later(WAIT_PING, self._ping_waiting)
+
+    def forget(self, client: Client) -> None:
+        """Stop tracking a client that has left."""
+        self._waiting.discard(client)
 
     # Child to clients.
 
@@ -1602,34 +1640,46 @@ class Room:
                 self.cache.append(message)
             self.broadcast([message])
 
-    async def _pump_output(self, reader: asyncio.StreamReader) -> None:
+    def output_received(self, data: bytes) -> None:
+        """Relay output of the child (called as it is read)."""
+        if self._held is not None:
+            self._held.append(data)
+            return
+        if self.failure is not None:
+            return  # the framing broke: the rest is dropped while the child is killed
         try:
-            while True:
-                chunk = await reader.read(READ_CHUNK)
-                if not chunk:
-                    break
-                self._deliver(chunk)
-            if self._out and self.config.serverframe != "gwsocket":
-                self._deliver_lines([bytes(self._out)])  # the last line had no delimiter
+            self._deliver(data)
         except FramingError as exc:
             log.error("room %r: child output: %s; stopping the child", self.name, exc, extra={"room": self.name})
             self.failure = f"child output broke the framing: {exc}"
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        except OSError:
-            pass  # the child reset the TCP connection, or left the terminal (EIO); its exit follows
-        await self._exited
-        self.hub.on_child_exit(self, self.proc.returncode)
 
-    async def _pump_log(self, reader: asyncio.StreamReader, name: str) -> None:
-        while True:
-            chunk = await reader.read(READ_CHUNK)
-            if not chunk:
-                break
-            for text in chunk.decode("utf-8", "replace").splitlines():
-                log.warning("room %r: child %s: %s", self.name, name, text, extra={"room": self.name})
+    def output_ended(self) -> None:
+        """Note the end of the child's output (called once it is read)."""
+        if self._output_done:
+            return
+        self._output_done = True
+        if self._held is None:
+            self._end_output()
+
+    def _end_output(self) -> None:
+        if self._out and self.config.serverframe != "gwsocket" and self.failure is None:
+            self._deliver_lines([bytes(self._out)])  # the last line had no delimiter
+            self._out.clear()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._report_exit()))
+
+    async def _report_exit(self) -> None:
+        await self._exited
+        self.hub.on_child_exit(self, self._transport.get_returncode())
+
+    def log_received(self, fd: int, data: bytes) -> None:
+        """Log what the child wrote on stderr (or on stdout with --tcp)."""
+        name = "stderr" if fd == 2 else "stdout"
+        for text in data.decode("utf-8", "replace").splitlines():
+            log.warning("room %r: child %s: %s", self.name, name, text, extra={"room": self.name})
 
 
 class Hub:
@@ -1693,7 +1743,6 @@ class Hub:
             raise RoomUnavailable(room.failure or "the room's child has exited")
         room.clients[client.id] = client
         client.room = room
-        room.start_output()
         room.stats["connections"] += 1
         log.info("client %d joined room %r from %s", client.id, room_name, request.remote_addr,
                  extra={"room": room_name, "client": client.id})
@@ -1704,19 +1753,20 @@ class Hub:
         room = client.room
         if room is None or room.clients.pop(client.id, None) is None:
             return
+        room.forget(client)
         log.info("client %d left room %r", client.id, room.name, extra={"room": room.name, "client": client.id})
         if room.ended:
             return
         if self.config.leavemsg is not None:
             text = render_template(self.config.leavemsg, client.id, room.name, client.request)
-            room.write_to_child_nowait(line_to_child(text, client.id, self.config))
+            room.send_to_child(line_to_child(text, client.id, self.config))
         if not room.clients:
             log.info("room %r: all clients left, stopping the child", room.name, extra={"room": room.name})
             self._end(room)
 
     def on_child_start(self, room: Room) -> None:
         self.totals["children_started"] += 1
-        log.info("room %r: started child %d: %s", room.name, room.proc.pid, self.config.cmd, extra={"room": room.name})
+        log.info("room %r: started child %d: %s", room.name, room.pid, self.config.cmd, extra={"room": room.name})
 
     def on_child_exit(self, room: Room, returncode: int) -> None:
         """Close every client of a room whose child exited on its own."""
@@ -1766,6 +1816,103 @@ class Hub:
 ###############################################################################
 
 
+class Connection(asyncio.Protocol):
+    """One TCP connection: its request head, then a WebSocket client's bytes.
+
+    Once the head is in, reading pauses and a task serves the request
+    (``Server.serve``). After an upgrade, every chunk read goes straight to
+    the client (``upgrade``), with no task, future or queue per message.
+    ``closed`` is done when the connection is lost; ``drain()`` waits while
+    the transport's write buffer is full.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.client: Client | None = None  # after the upgrade
+        self.task: asyncio.Task | None = None  # serves the request, once its head is in
+        self.closed: asyncio.Future | None = None
+        self._head = bytearray()  # the request head; after it, bytes for the client
+        self._timer: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Future | None = None  # while the write buffer is full
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.closed = loop.create_future()
+        self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is not None:
+            client.receive_data(data)
+            return
+        head = self._head
+        start = max(0, len(head) - 3)
+        head += data
+        if self.task is not None:
+            return  # read before reading paused: kept for the client
+        end = head.find(b"\r\n\r\n", start)
+        max_head = self.server.config.max_head
+        if end < 0 and len(head) <= max_head:
+            return
+        self._timer.cancel()
+        self.transport.pause_reading()
+        end = len(head) if end < 0 else end + 4
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(self, bytes(head[:end])))
+        del head[:end]
+
+    def eof_received(self) -> None:
+        if self.client is not None:
+            self.client.receive_eof()
+        # Returns None: the transport closes; a request being served never
+        # gets here, as reading is paused.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self.server.connections.discard(self)
+        self.closed.set_result(None)
+        self.resume_writing()
+        if self.client is not None:
+            self.client.connection_lost()
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None:
+            self._drained.set_result(None)
+            self._drained = None
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is low again.
+
+        Raises:
+            ConnectionResetError: the connection is lost.
+        """
+        if self._drained is not None:
+            await self._drained
+        if self.closed.done():
+            raise ConnectionResetError("connection lost")
+
+    def upgrade(self, client: Client) -> None:
+        """Hand every byte after the request head, and every later read, to ``client``."""
+        self.client = client
+        rest, self._head = bytes(self._head), bytearray()
+        if self.closed.done():
+            client.connection_lost()
+            return
+        if rest:
+            client.receive_data(rest)
+        if not client.waiting:
+            self.transport.resume_reading()
+
+    def _too_slow(self) -> None:
+        log.debug("! request head not received in %s s, dropping the connection", self.server.config.handshake_timeout)
+        self.transport.abort()
+
+
 class Client:
     """One WebSocket client: its protocol state and the transport it writes to.
 
@@ -1773,23 +1920,51 @@ class Client:
     encoded once and the same bytes are written to every client. A client
     receives every message of its room in order, or, once it has left more
     than ``max_backlog`` bytes unread, a close frame (1008) saying that it fell
-    behind: never a silent gap.
+    behind: never a silent gap. ``done`` is done when the connection is closed.
     """
 
-    def __init__(self, conn_id: int, request: Request, writer: asyncio.StreamWriter,
-                 protocol: WebSocketProtocol, max_backlog: int = DEFAULT_MAX_BACKLOG) -> None:
+    def __init__(self, conn_id: int, request: Request, connection: Connection,
+                 protocol: WebSocketProtocol, max_backlog: int = DEFAULT_MAX_BACKLOG,
+                 log_traffic: bool = False) -> None:
+        loop = asyncio.get_running_loop()
         self.id = conn_id
         self.request = request
-        self.writer = writer
-        self.transport = writer.transport
+        self.connection = connection
+        self.transport = connection.transport
         self.protocol = protocol
         self.room: Room | None = None
         self.window_bits = protocol.deflate.window_bits if protocol.deflate else None  # how to encode for it
         self.max_backlog = max_backlog
-        self.last_seen = asyncio.get_running_loop().time()  # when the peer last sent anything
+        self.log_traffic = log_traffic
+        self.done = loop.create_future()
+        self._clock = loop.time
+        self.last_seen = self._clock()  # when the peer last sent anything
         self.waiting = False  # on a child that is behind: not read, so silent through no fault
         self._abort_timer: asyncio.TimerHandle | None = None
-        self._lost: asyncio.Task | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Process bytes from the peer: answer, and pass messages to the room."""
+        protocol = self.protocol
+        self.last_seen = self._clock()
+        protocol.receive_data(data)
+        self.flush()
+        room = self.room
+        for message in protocol.events_received():
+            if self.log_traffic:
+                log.debug("client %d: < %s %r", self.id, message.opcode.name, message.data[:80],
+                          extra={"client": self.id})
+            if room is not None:
+                room.receive(self, message)
+        if protocol.state is State.CLOSED and not self.done.done():
+            self.done.set_result(None)
+
+    def receive_eof(self) -> None:
+        self.protocol.receive_eof()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self) -> None:
+        self.receive_eof()
 
     def send(self, data: bytes) -> None:
         """Write encoded frames, unless the closing handshake has begun."""
@@ -1810,6 +1985,16 @@ class Client:
         self.protocol.send_ping()
         self.flush()
 
+    def pause(self) -> None:
+        """Stop reading from the peer (its room's child is behind)."""
+        self.waiting = True
+        self.transport.pause_reading()
+
+    def resume(self) -> None:
+        self.waiting = False
+        if self.connection.client is self:  # else the upgrade will resume reading
+            self.transport.resume_reading()
+
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; drop the connection if the peer does not answer in time."""
         if self.protocol.state is not State.OPEN:
@@ -1819,25 +2004,10 @@ class Client:
         self.flush()
         self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 
-    def lost(self) -> asyncio.Task:
-        """Return a task that ends when the connection is lost (made on first use)."""
-        if self._lost is None:
-            self._lost = asyncio.get_running_loop().create_task(_wait_closed(self.writer))
-        return self._lost
-
     def cleanup(self) -> None:
         """Cancel what the client still has pending; call when its connection is done."""
         if self._abort_timer is not None:
             self._abort_timer.cancel()
-        if self._lost is not None:
-            self._lost.cancel()
-
-
-async def _wait_closed(writer: asyncio.StreamWriter) -> None:
-    try:
-        await writer.wait_closed()
-    except (ConnectionError, OSError):
-        pass
 
 
 ###############################################################################
@@ -2024,8 +2194,9 @@ class Server:
         self.port: int | None = None
         self.done: asyncio.Event | None = None  # set when --oneshot's room ends
         self.clients: set[Client] = set()  # every open WebSocket client, in a room or not
+        self.connections: set[Connection] = set()  # every open TCP connection
+        self._tasks: set[asyncio.Task] = set()  # serving a request each
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task] = set()
         self._keepalive: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -2034,11 +2205,8 @@ class Server:
         self.hub.on_oneshot_end = self.done.set
         config = self.config
         tls = tls_context(config) if config.tls_cert else None
-        self._server = await asyncio.start_server(
-            # The reader's limit also sets how much it buffers before pausing a
-            # socket: READ_CHUNK keeps large messages flowing; --maxhead is
-            # checked on the head itself.
-            self.handle_connection, config.host, config.port, limit=max(READ_CHUNK, config.max_head),
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Connection(self), config.host, config.port,
             ssl=tls, ssl_handshake_timeout=config.handshake_timeout if tls else None,
         )
         sockname = self._server.sockets[0].getsockname()
@@ -2080,58 +2248,52 @@ class Server:
         await self.hub.shutdown()
         for client in list(self.clients):  # clients outside any room (being refused)
             client.close(CloseCode.GOING_AWAY, "server shutting down")
-        if self._connections:
-            done, pending = await asyncio.wait(set(self._connections), timeout=CLOSE_TIMEOUT + 1)
+        for connection in list(self.connections):
+            if connection.task is None:
+                connection.transport.abort()  # its request head is not in yet
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_TIMEOUT + 1)
             for task in pending:
                 task.cancel()
         if self._server is not None:
             # Only now: since Python 3.12 this also waits for every connection.
             await self._server.wait_closed()
 
-    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one TCP connection: an HTTP request or a WebSocket client.
+    async def serve(self, connection: Connection, head: bytes) -> None:
+        """Serve one request, given its head: an HTTP response or a WebSocket client.
 
         It guarantees that the TCP connection is closed before it returns.
         """
         task = asyncio.current_task()
-        self._connections.add(task)
+        self._tasks.add(task)
         try:
-            await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+            await self._serve(connection, head)
+        except ConnectionError:
             pass
         except Exception:
             log.error("unexpected error on a connection", exc_info=True)
         finally:
-            self._connections.discard(task)
-            writer.close()
+            self._tasks.discard(task)
+            connection.transport.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, connection: Connection, head: bytes) -> None:
         request = None
+        transport = connection.transport
         try:
-            timeout = self.config.handshake_timeout
-            too_large = HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-            except asyncio.LimitOverrunError:
-                raise too_large from None
-            except asyncio.TimeoutError:
-                log.debug("! request head not received in %s s, dropping the connection", timeout)
-                return
             if len(head) > self.config.max_head:
-                raise too_large
+                raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
             request = parse_request(head)
-            peer = writer.get_extra_info("peername")
+            peer = transport.get_extra_info("peername")
             request.remote_addr = peer[0] if isinstance(peer, tuple) else ""
             if is_websocket_upgrade(request):
-                await self._serve_websocket(request, reader, writer)
+                await self._serve_websocket(connection, request)
             else:
-                await self._serve_http(request, writer)
+                await self._serve_http(connection, request)
         except HTTPError as exc:
             log.info("! %d %s", exc.status, exc.reason)
-            writer.write(error_response(exc, head_only=request is not None and request.method == "HEAD"))
-            await writer.drain()
+            transport.write(error_response(exc, head_only=request is not None and request.method == "HEAD"))
 
-    async def _serve_http(self, request: Request, writer: asyncio.StreamWriter) -> None:
+    async def _serve_http(self, connection: Connection, request: Request) -> None:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {request.method} is not allowed", [("Allow", "GET, HEAD")])
         head_only = request.method == "HEAD"
@@ -2148,15 +2310,14 @@ class Server:
             body, ctype = json.dumps(value, ensure_ascii=False).encode("utf-8"), "application/json"
         if body is not None:
             headers = [("Content-Type", ctype), ("Cache-Control", "no-store")]
-            writer.write(render_response(200, headers, b"" if head_only else body, length=len(body)))
-            await writer.drain()
+            connection.transport.write(render_response(200, headers, b"" if head_only else body, length=len(body)))
             return
         path = resolve_static(self.config.staticdir, request.path) if self.config.staticdir else None
         if path is None:
             raise NotFound("no such file")
-        await self._send_file(path, request, writer)
+        await self._send_file(path, request, connection)
 
-    async def _send_file(self, path: str, request: Request, writer: asyncio.StreamWriter) -> None:
+    async def _send_file(self, path: str, request: Request, connection: Connection) -> None:
         """Stream a file in chunks, so memory does not grow with its size."""
         try:
             f = open(path, "rb")
@@ -2164,26 +2325,25 @@ class Server:
             raise Forbidden("file not readable") from None
         except OSError:
             raise NotFound("no such file") from None
+        transport = connection.transport
         with f:
             stat = os.fstat(f.fileno())
             size, mtime = stat.st_size, int(stat.st_mtime)
             if not_modified_since(request.headers.get("if-modified-since"), mtime):
-                writer.write(render_response(304, [("Last-Modified", email.utils.formatdate(mtime, usegmt=True))]))
-                await writer.drain()
+                transport.write(render_response(304, [("Last-Modified", email.utils.formatdate(mtime, usegmt=True))]))
                 return
             headers = [("Content-Type", guess_type(path)), ("Last-Modified", email.utils.formatdate(mtime, usegmt=True))]
-            writer.write(render_response(200, headers, length=size))
+            transport.write(render_response(200, headers, length=size))
             remaining = 0 if request.method == "HEAD" else size
             while remaining > 0:
                 chunk = f.read(min(FILE_CHUNK, remaining))
                 if not chunk:
                     break  # the file shrank; the client sees a short body
                 remaining -= len(chunk)
-                writer.write(chunk)
-                await writer.drain()
-        await writer.drain()
+                transport.write(chunk)
+                await connection.drain()
 
-    async def _serve_websocket(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_websocket(self, connection: Connection, request: Request) -> None:
         room_name = room_from_path(request.path)
         if self.config.rooms is not None and room_name not in self.config.rooms:
             raise BadRequest(f"room {room_name!r} is not one of --rooms")
@@ -2192,75 +2352,48 @@ class Server:
         if len(self.clients) >= self.config.max_clients:
             raise ServiceUnavailable(f"too many clients (at most {self.config.max_clients})", [("Retry-After", "5")])
         protocol = WebSocketProtocol(self.config.max_size, deflate=deflate)
-        client = Client(self.hub.new_client_id(), request, writer, protocol, self.config.max_backlog)
+        client = Client(self.hub.new_client_id(), request, connection, protocol, self.config.max_backlog,
+                        log_traffic=self.config.verbose >= 2)
         self.clients.add(client)
         try:
-            await self._serve_client(client, room_name, request, response, reader)
+            await self._serve_client(client, room_name, request, response)
         finally:
             self.clients.discard(client)
             self.hub.leave(client)
             client.cleanup()
 
-    async def _serve_client(self, client: Client, room_name: str, request: Request, response: bytes,
-                            reader: asyncio.StreamReader) -> None:
-        writer = client.writer
+    async def _serve_client(self, client: Client, room_name: str, request: Request, response: bytes) -> None:
+        connection = client.connection
+        transport = connection.transport
         try:
             room = await self.hub.join(client, room_name, request)
         except RoomUnavailable as exc:
-            writer.write(response)
+            transport.write(response)
             client.close(exc.code, exc.reason)
-            await self._read_frames(client, reader, None)
-            return
-        # No await between joining and these writes: the 101 and the replayed
-        # cache come before every live message, and none comes twice.
-        writer.write(response)
-        if room.cache:
-            writer.write(encode_messages(list(room.cache), client.window_bits))
-        if self.config.joinmsg is not None:
-            text = render_template(self.config.joinmsg, client.id, room_name, request)
-            await room.send_to_child(line_to_child(text, client.id, self.config), client)
-        await self._read_frames(client, reader, room)
-
-    async def _read_frames(self, client: Client, reader: asyncio.StreamReader, room: Room | None) -> None:
-        """Relay a client's messages to its room's child until the connection closes."""
+        else:
+            # No await between joining and these writes: the 101 and the replayed
+            # cache come before every live message, and none comes twice.
+            transport.write(response)
+            if room.cache:
+                transport.write(encode_messages(list(room.cache), client.window_bits))
+            room.start_output()  # for the first client: what the child wrote so far
+            if self.config.joinmsg is not None:
+                text = render_template(self.config.joinmsg, client.id, room_name, request)
+                room.send_to_child(line_to_child(text, client.id, self.config), client)
+        connection.upgrade(client)
+        await client.done
         protocol = client.protocol
-        traffic = self.config.verbose >= 2
-        clock = asyncio.get_running_loop().time
-        while protocol.state is not State.CLOSED:
-            data = await reader.read(READ_CHUNK)
-            if not data:
-                protocol.receive_eof()
-                break
-            client.last_seen = clock()
-            protocol.receive_data(data)
-            client.flush()
-            for message in protocol.events_received():
-                if traffic:
-                    log.debug("client %d: < %s %r", client.id, message.opcode.name, message.data[:80],
-                              extra={"client": client.id})
-                if room is not None:
-                    await room.receive(client, message)
         log.debug("client %d: = closed %s %s", client.id, protocol.close_code, protocol.close_reason,
                   extra={"client": client.id})
-        if room is not None:
-            self.hub.leave(client)
+        self.hub.leave(client)
         # After a failure, half-close and let the peer close its side, so that
         # bytes it sent and we never read cannot turn our FIN into a RST that
         # loses the close frame. After a closing handshake the peer sends
         # nothing more, and the server closes the TCP connection first (RFC
         # 6455 §7.1.1).
-        writer = client.writer
-        if protocol.failed and not writer.is_closing() and writer.can_write_eof():
-            try:
-                writer.write_eof()
-                await asyncio.wait_for(_read_until_eof(reader), CLOSE_TIMEOUT)
-            except (asyncio.TimeoutError, OSError):
-                pass  # gone already: nothing left to wait for
-
-
-async def _read_until_eof(reader: asyncio.StreamReader) -> None:
-    while await reader.read(READ_CHUNK):
-        pass
+        if protocol.failed and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+            await asyncio.wait({connection.closed}, timeout=CLOSE_TIMEOUT)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
