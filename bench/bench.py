@@ -1,4 +1,4 @@
-"""Benchmark scalesocket.py against a websockets-library stand-in and websocketd.
+"""Benchmark scalesocket.py against a websockets-library stand-in, a compiled (Go) one and websocketd.
 
     python3 bench/bench.py                      # full run (2-3 minutes on an idle machine)
     python3 bench/bench.py --quick              # short run (about a minute)
@@ -17,7 +17,13 @@ Servers, all relaying through `cat` on 127.0.0.1 only:
   it runs only where that is the same job (round trip, 1 MiB echo, new rooms,
   which for it is a new connection and its child) or where it is a fair
   yardstick anyway (handshakes, idle memory; both include a ``cat`` per
-  connection for it). Other cells are "–".
+  connection for it). Other cells are "–";
+* compiled (Go)   ``/tmp/bench-go/scalesocket-go cat``: the same job again, as
+  one would write it in Go with gorilla/websocket (bench/go_server/main.go:
+  each line framed once with a PreparedMessage, then queued to each client,
+  whose own goroutine writes it out); bench.py builds it from Debian's
+  golang-go and golang-github-gorilla-websocket-dev, and skips it when it
+  cannot.
 
 Workloads (the load generator is bench/loadgen.js: node, the `ws` package,
 and bare clients on node's net module where ws's own cost per connection or
@@ -44,10 +50,11 @@ per message would make the load generator the bottleneck):
               echo, close (a child spawned and stopped per room): rooms/s.
 
 Beside each throughput figure is the server process's CPU use during the timed
-phase (all its threads, from /proc/PID/task/*/schedstat): near 100% means the
-server, one Python thread, is the bottleneck. A second table gives the load
-generator's busiest process, the server's children (cat) and everything else
-on the machine the same way. The figures are only good on an otherwise idle
+phase (all its threads, from /proc/PID/task/*/schedstat): near 100% means a
+Python server, one thread, is the bottleneck; the Go server runs on every
+core (up to 200% on two). A second table gives the load generator's busiest
+process, the server's children (cat) and everything else on the machine the
+same way. The figures are only good on an otherwise idle
 machine: before each run bench.py waits until the CPUs are idle (at most
 --max-wait seconds in all) and it flags runs that shared the CPUs.
 
@@ -62,8 +69,12 @@ Install (bench.py does each step itself when the thing is missing):
     cd bench && npm install                  # ws and bufferutil into bench/node_modules
     python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install websockets
     apt-get update && apt-get install -y websocketd     # optional; as root
+    apt-get install -y golang-go golang-github-gorilla-websocket-dev   # optional; as root
+    cd bench/go_server && GO111MODULE=off GOPATH=/usr/share/gocode GOPROXY=off CGO_ENABLED=0 \
+        GOCACHE=/tmp/bench-go/gocache go build -o /tmp/bench-go/scalesocket-go .   # redone when main.go is newer
 
-Requires Linux (/proc), python3 >= 3.9, node >= 18.
+Requires Linux (/proc), python3 >= 3.9, node >= 18; Go >= 1.19 (GOPATH mode,
+no module download) for the compiled column.
 """
 
 from __future__ import annotations
@@ -93,13 +104,19 @@ LOADGEN = os.path.join(BENCH_DIR, "loadgen.js")
 WS_SERVER = os.path.join(BENCH_DIR, "ws_server.py")
 VENV = "/tmp/bench-venv"
 VENV_PYTHON = os.path.join(VENV, "bin", "python")
+GO_SOURCE = os.path.join(BENCH_DIR, "go_server", "main.go")
+GO_DIR = "/tmp/bench-go"  # the build's output and cache; never in the repository
+GO_BINARY = os.path.join(GO_DIR, "scalesocket-go")
+GO_PATH = "/usr/share/gocode"  # where Debian's golang-*-dev packages put their sources
+GO_PACKAGES = ["golang-go", "golang-github-gorilla-websocket-dev"]
 NOFILE = 65536  # fd limit wanted for the servers and the load generator (idle holds 10,000)
 WORKLOAD_TIMEOUT = 60  # seconds: all the runs of one workload on one server
 RUN_LIMIT = 600  # seconds: no workload starts after this much of a whole run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"  # every server listens, and every client connects, here only
 
-SERVER_TITLES = {"scalesocket": "scalesocket.py", "websockets": "websockets", "websocketd": "websocketd"}
+SERVER_TITLES = {"scalesocket": "scalesocket.py", "websockets": "websockets", "websocketd": "websocketd",
+                 "compiled": "compiled (Go)"}
 SERVERS = list(SERVER_TITLES)
 
 
@@ -126,11 +143,12 @@ WORKLOADS = {w.name: w for w in [
     Workload("fanout", "fan-out 100 clients x 2,000 msgs",
              ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
              ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
-             runs=5, key="deliveries_per_s", servers=("scalesocket", "websockets")),
+             runs=5, key="deliveries_per_s", servers=("scalesocket", "websockets", "compiled")),
     Workload("fanout20k", "fan-out 100 clients x 20,000 msgs (sustained)",
              ["--clients", "100", "--messages", "20000", "--size", "64", "--procs", "2"],
              ["--clients", "100", "--messages", "5000", "--size", "64", "--procs", "2"],
-             runs=1, key="deliveries_per_s", servers=("scalesocket", "websockets"), loadgen="fanout"),
+             runs=1, key="deliveries_per_s", servers=("scalesocket", "websockets", "compiled"),
+             loadgen="fanout"),
     Workload("big", "1 MiB text echo, 1 client",
              ["--count", "50", "--size", str(2**20)],
              ["--count", "20", "--size", str(2**20)], runs=3, key="mb_per_s"),
@@ -230,6 +248,43 @@ def ensure_websocketd() -> bool:
         return True
     log("websocketd is not installed (apt-get install websocketd); skipping it")
     return False
+
+
+def ensure_go_server() -> bool:
+    """Build the Go stand-in (installing Go and gorilla/websocket with apt when
+    missing, as root); False (and a log line) if it cannot be had.
+
+    Built in GOPATH mode against Debian's sources, so nothing is downloaded;
+    rebuilt whenever bench/go_server/main.go is newer than the binary.
+    """
+    if os.path.exists(GO_BINARY) and os.path.getmtime(GO_BINARY) >= os.path.getmtime(GO_SOURCE):
+        return True
+    gorilla = os.path.join(GO_PATH, "src", "github.com", "gorilla", "websocket")
+    if (shutil.which("go") is None or not os.path.isdir(gorilla)) and os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"installing {' '.join(GO_PACKAGES)} with apt-get")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+        if subprocess.run(["apt-get", "install", "-y", "-q", *GO_PACKAGES], **quiet).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], **quiet)
+            subprocess.run(["apt-get", "install", "-y", "-q", *GO_PACKAGES], **quiet)
+    if shutil.which("go") is None or not os.path.isdir(gorilla):
+        log(f"Go or gorilla/websocket is not installed (apt-get install {' '.join(GO_PACKAGES)});"
+            " skipping the compiled server")
+        return False
+    log(f"building {GO_BINARY} from bench/go_server/main.go")
+    os.makedirs(GO_DIR, exist_ok=True)
+    env = dict(os.environ, GO111MODULE="off", GOPATH=GO_PATH, GOCACHE=os.path.join(GO_DIR, "gocache"),
+               GOFLAGS="", GOPROXY="off", CGO_ENABLED="0")
+    try:
+        build = subprocess.run(["go", "build", "-o", GO_BINARY, "."], cwd=os.path.dirname(GO_SOURCE), env=env,
+                               capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"cannot build the Go server ({exc}); skipping the compiled server")
+        return False
+    if build.returncode != 0:
+        log(f"cannot build the Go server; skipping the compiled server:\n{build.stderr.strip()}")
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -366,6 +421,8 @@ class Server:
             argv = [sys.executable, *script, "--addr", f"{HOST}:0", "--ping", "0", "--maxclients", "20000", "cat"]
         elif kind == "websockets":
             argv = [VENV_PYTHON, WS_SERVER, "--addr", f"{HOST}:0", "cat"]
+        elif kind == "compiled":
+            argv = [GO_BINARY, "--addr", f"{HOST}:0", "cat"]
         else:
             self.port = free_port()
             argv = ["websocketd", f"--port={self.port}", f"--address={HOST}", "--loglevel=error", "cat"]
@@ -640,7 +697,7 @@ def ratio(a: dict | None, b: dict | None, figure: str) -> str:
 
 
 def print_table(results: dict, quick: bool) -> None:
-    header = ["workload", *SERVER_TITLES.values(), "ss/websockets", "ss/websocketd"]
+    header = ["workload", *SERVER_TITLES.values(), "ss/websockets", "ss/websocketd", "ss/compiled"]
     rows = []
     for name, label, figure, cpu in ROWS:
         if name not in results:
@@ -654,7 +711,8 @@ def print_table(results: dict, quick: bool) -> None:
             label = label.format(messages=f"{first['expected'] // first['clients']:,}" if first.get("clients") else "N")
         rows.append([label] + [cell(per.get(s), figure, cpu) for s in SERVERS]
                     + [ratio(per.get("scalesocket"), per.get("websockets"), figure),
-                       ratio(per.get("scalesocket"), per.get("websocketd"), figure)])
+                       ratio(per.get("scalesocket"), per.get("websocketd"), figure),
+                       ratio(per.get("scalesocket"), per.get("compiled"), figure)])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     print()
@@ -693,6 +751,11 @@ def print_table(results: dict, quick: bool) -> None:
         bad = {k: v for k, v in statuses.items() if v != 0}
         print("scalesocket.py exit status after SIGINT: " + ("0 after every workload" if not bad else
               ", ".join(f"{k}: {v}" for k, v in bad.items()) + " (expected 0)"))
+    bad = {name: per["compiled"]["median"].get("exit_status") for name, per in results.items()
+           if "compiled" in per and per["compiled"]["median"].get("exit_status") != 0}
+    if bad:
+        print("compiled (Go) exit status after SIGINT: " + ", ".join(f"{k}: {v}" for k, v in bad.items())
+              + " (expected 0)")
     print()
 
 
@@ -729,7 +792,8 @@ def profile(workload: Workload, quick: bool, max_wait: float) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description="Benchmark scalesocket.py against websockets and websocketd (details: the module docstring).",
+        description="Benchmark scalesocket.py against websockets, a compiled (Go) server and websocketd"
+                    " (details: the module docstring).",
         epilog="workloads: " + "; ".join(f"{w.name}: {w.title}" for w in WORKLOADS.values()))
     parser.add_argument("--quick", action="store_true", help="short run: smaller counts, one run each")
     parser.add_argument("--only", metavar="WORKLOAD[,...]", help=f"run only these: {', '.join(WORKLOADS)}")
@@ -781,6 +845,8 @@ def main() -> int:
         servers.remove("websockets")
     if "websocketd" in servers and not ensure_websocketd():
         servers.remove("websocketd")
+    if "compiled" in servers and not ensure_go_server():
+        servers.remove("compiled")
 
     started = time.monotonic()
     budget = [args.max_wait]  # seconds the whole run may spend waiting for a quiet machine
