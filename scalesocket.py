@@ -101,6 +101,9 @@ class Opcode(enum.IntEnum):
     PONG = 0xA
 
 
+_OPCODES = {op.value: op for op in Opcode}  # a lookup: cheaper than calling Opcode() per frame
+
+
 class CloseCode(enum.IntEnum):
     """Close codes of RFC 6455 §7.4.1 (and the IANA registry)."""
 
@@ -214,17 +217,24 @@ def accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def apply_mask(data: bytes, mask: bytes) -> bytes:
-    """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 §5.3).
+_MASK_BLOCK = 64 * 1024  # unmasked a block at a time, so the integers stay in the CPU's cache
+_REPUNIT = int.from_bytes(b"\1\0\0\0" * (_MASK_BLOCK // 4), "little")  # times a mask: the mask repeated
 
-    One big-integer XOR over the whole payload runs in C, which is far faster
-    than any per-byte loop in Python.
+
+def apply_mask(data: bytes, mask: bytes) -> bytes:
+    """XOR ``data`` (any bytes-like object) with the 4-byte ``mask`` repeated (RFC 6455 §5.3).
+
+    One big-integer XOR per block runs in C, which is far faster than any
+    per-byte loop in Python.
     """
     n = len(data)
-    if not n:
-        return b""
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    if n > _MASK_BLOCK:
+        with memoryview(data) as view:
+            return b"".join([apply_mask(view[i : i + _MASK_BLOCK], mask) for i in range(0, n, _MASK_BLOCK)])
+    words = (n + 3) // 4
+    repunit = _REPUNIT if words == _MASK_BLOCK // 4 else _REPUNIT >> (32 * (_MASK_BLOCK // 4 - words))
+    key = int.from_bytes(mask, "little") * repunit
+    return (int.from_bytes(data, "little") ^ key).to_bytes(4 * words, "little")[:n]
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -295,7 +305,8 @@ class FrameParser:
         # (opcode, payload offset, mask key) of a frame whose payload is still arriving
         self._partial: tuple[int, int, bytes] | None = None
         self.allow_rsv1 = False  # set when permessage-deflate is negotiated
-        self._plain = bytearray()  # the unmasked start of the frame still arriving
+        self._plain: list[bytes] = []  # the unmasked start of the frame still arriving
+        self._plain_size = 0
         self._frames: list[Frame] = []
         self._error: ProtocolError | None = None
 
@@ -303,7 +314,7 @@ class FrameParser:
         """Buffer ``data`` and return the frames it completes.
 
         Frames that precede a violation are returned first; the error is
-        raised by the next call (``feed(b"")`` will do).
+        raised by the next call (or by ``check()``).
 
         Raises:
             ProtocolError: the stream breaks RFC 6455 (code 1002).
@@ -323,6 +334,11 @@ class FrameParser:
             self._error = exc
         frames, self._frames = self._frames, []
         return frames
+
+    def check(self) -> None:
+        """Raise the violation found behind the frames last returned, if any."""
+        if self._error is not None:
+            raise self._error
 
     def _parse(self) -> None:
         buf = self._buf
@@ -366,25 +382,25 @@ class FrameParser:
                 raise MessageTooBig(f"frame of {length} bytes exceeds the limit of {self.max_size}")
             if self.masked:
                 head += 4
-            if end - pos < head + length:
+            # Payload bytes of the first frame already taken out of the buffer,
+            # unmasked, by partial_payload(): only the rest is here.
+            done = self._plain_size
+            if end - pos + done < head + length:
                 mask = bytes(buf[pos + head - 4 : pos + head]) if self.masked else b""
                 self._partial = (b0, head, mask)
                 break
-            plain = self._plain
-            if plain:  # this frame was partly unmasked while it arrived: only the rest is left
-                done = len(plain)
-                rest = bytes(buf[pos + head + done : pos + head + length])
+            with memoryview(buf) as view, view[pos + head : pos + head + length - done] as rest:
                 if self.masked:
-                    mask = bytes(buf[pos + head - 4 : pos + head])
-                    rest = apply_mask(rest, mask[done % 4 :] + mask[: done % 4])
-                plain += rest
-                payload = bytes(plain)
-                self._plain = bytearray()
-            else:
-                payload = bytes(buf[pos + head : pos + head + length])
-                if self.masked:
-                    payload = apply_mask(payload, bytes(buf[pos + head - 4 : pos + head]))
-            frames.append(Frame(Opcode(opcode), payload, bool(b0 & 0x80), bool(b0 & 0x40)))
+                    mask = bytes(view[pos + head - 4 : pos + head])
+                    payload = apply_mask(rest, mask[done % 4 :] + mask[: done % 4])
+                else:
+                    payload = bytes(rest)
+            if done:
+                self._plain.append(payload)
+                payload = b"".join(self._plain)
+                self._plain, self._plain_size = [], 0
+                length -= done
+            frames.append(Frame(_OPCODES[opcode], payload, bool(b0 & 0x80), bool(b0 & 0x40)))
             pos += head + length
             del buf[:pos]  # consumed at once, so an error below keeps these frames
             end -= pos
@@ -404,17 +420,21 @@ class FrameParser:
         """Return the payload received so far of the frame still arriving,
         from ``start`` on, unmasked.
 
-        What is unmasked here is kept, so each byte is unmasked once, however
-        the frame arrives.
+        What is unmasked here moves out of the buffer and is kept, so each
+        byte is unmasked once, however the frame arrives.
         """
         _, head, mask = self._partial
-        plain = self._plain
-        done = len(plain)
-        new = bytes(self._buf[head + done :])
-        if mask and new:
-            new = apply_mask(new, mask[done % 4 :] + mask[: done % 4])
-        plain += new
-        return bytes(plain[start:]) if start < done else new[start - done :]
+        done = self._plain_size
+        buf = self._buf
+        if len(buf) == head:
+            new = b""
+        else:
+            with memoryview(buf) as view, view[head:] as received:
+                new = apply_mask(received, mask[done % 4 :] + mask[: done % 4]) if mask else bytes(received)
+            del buf[head:]  # kept unmasked, and only so
+            self._plain.append(new)
+            self._plain_size += len(new)
+        return b"".join(self._plain)[start:] if start < done else new[start - done :]
 
 
 def inflate(inflater, data: bytes, final: bool, limit: int) -> bytes:
@@ -589,7 +609,7 @@ class WebSocketProtocol:
                 if self.state is State.CLOSED:
                     return
             if frames:
-                self.parser.feed(b"")  # raises a violation found behind these frames
+                self.parser.check()  # raises a violation found behind these frames
             if self.state is State.OPEN:
                 self._check_partial_text()
         except ProtocolError as exc:
@@ -605,14 +625,16 @@ class WebSocketProtocol:
         data = self.parser.partial_payload(self._partial_checked)
         if not data:
             return
-        if self._partial_decoder is None:
-            self._partial_decoder = codecs.getincrementaldecoder("utf-8")()
+        decoder = self._partial_decoder
+        if decoder is None:
+            decoder = self._partial_decoder = codecs.getincrementaldecoder("utf-8")()
             if self._decoder is not None:  # continue where the earlier fragments ended
-                self._partial_decoder.setstate(self._decoder.getstate())
-        try:
-            self._partial_decoder.decode(data, False)
-        except UnicodeDecodeError:
-            raise InvalidPayload("text message is not valid UTF-8") from None
+                decoder.setstate(self._decoder.getstate())
+        if not data.isascii() or decoder.getstate()[0]:  # ASCII after a whole character is valid
+            try:
+                decoder.decode(data, False)
+            except UnicodeDecodeError:
+                raise InvalidPayload("text message is not valid UTF-8") from None
         self._partial_checked += len(data)
 
     def receive_eof(self) -> None:
@@ -1092,15 +1114,20 @@ def line_to_child(line: str, conn_id: int, config: Config) -> bytes:
     return data + b"\n"
 
 
-def split_output(buf: bytes, delimiters: bytes, max_size: int) -> tuple[list[bytes], bytes]:
+def split_output(buf: bytes, delimiters: bytes, max_size: int, clean: int = 0) -> tuple[list[bytes], bytes]:
     """Cut child output at any delimiter byte; return (messages, unfinished rest).
 
     With the default newline delimiter a trailing CR is dropped. A line
     longer than ``max_size`` is cut into ``max_size`` pieces, so a child that
-    never ends its line cannot grow memory without bound.
+    never ends its line cannot grow memory without bound. The first
+    ``clean`` bytes are known to hold no delimiter.
     """
     if len(delimiters) == 1:
-        pieces = buf.split(delimiters)
+        if not clean:
+            pieces = buf.split(delimiters)
+        else:  # find() passes the clean start at memchr speed; split() looks at every byte
+            first = buf.find(delimiters, clean)
+            pieces = [buf] if first < 0 else [buf[:first], *buf[first + 1 :].split(delimiters)]
     else:
         pieces = re.split(b"[" + re.escape(delimiters) + b"]", buf)
     rest = pieces.pop()
@@ -1312,7 +1339,9 @@ class Room:
         self._resumed: asyncio.Future | None = None  # while the child is behind on its input
         self._waiting: set[Client] = set()  # clients not read until it catches up
         self._pinger: asyncio.TimerHandle | None = None
-        self._out = bytearray()  # output that does not make a whole message yet
+        self._line: list[bytes] = []  # output read so far of a line not yet ended
+        self._line_size = 0
+        self._gwsocket = bytearray()  # output that does not make a whole gwsocket message yet
 
     # The child's life.
 
@@ -1581,16 +1610,19 @@ class Room:
                 self.cache.append(message)
             self.broadcast([message])
             return
-        buf = self._out
-        if self._no_delimiter(chunk) and len(buf) + len(chunk) <= config.max_size:
-            buf += chunk  # the line goes on: wait for its end without copying it again
+        line, clean = self._line, self._line_size
+        if self._no_delimiter(chunk) and clean + len(chunk) <= config.max_size:
+            line.append(chunk)  # the line goes on: wait for its end without copying it
+            self._line_size += len(chunk)
             return
-        if buf:
-            buf += chunk
-            chunk = bytes(buf)
-            buf.clear()
-        lines, rest = split_output(chunk, config.delimiters, config.max_size)
-        buf += rest
+        if line:
+            line.append(chunk)
+            chunk = b"".join(line)
+            line.clear()
+        lines, rest = split_output(chunk, config.delimiters, config.max_size, clean)
+        if rest:
+            line.append(rest)
+        self._line_size = len(rest)
         self._deliver_lines(lines)
 
     def _no_delimiter(self, chunk: bytes) -> bool:
@@ -1623,7 +1655,7 @@ class Room:
             self.broadcast(pending)
 
     def _deliver_gwsocket(self, chunk: bytes) -> None:
-        buf = self._out
+        buf = self._gwsocket
         buf += chunk
         messages, used = parse_gwsocket(buf, self.config.max_size)
         del buf[:used]
@@ -1666,9 +1698,9 @@ class Room:
             self._end_output()
 
     def _end_output(self) -> None:
-        if self._out and self.config.serverframe != "gwsocket" and self.failure is None:
-            self._deliver_lines([bytes(self._out)])  # the last line had no delimiter
-            self._out.clear()
+        if self._line and self.failure is None:
+            self._deliver_lines([b"".join(self._line)])  # the last line had no delimiter
+            self._line.clear()
         self._tasks.append(asyncio.get_running_loop().create_task(self._report_exit()))
 
     async def _report_exit(self) -> None:
