@@ -1285,9 +1285,10 @@ class _StreamProtocol(asyncio.Protocol):
         if self.room is not None:
             self.room.output_received(data)
 
-    def eof_received(self) -> None:
+    def eof_received(self) -> bool:
         if self.room is not None:
             self.room.output_ended()
+        return True  # the child may still read its input: ``_kill`` closes the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A reset connection, or EIO from a terminal whose other side has
@@ -1727,6 +1728,7 @@ class Hub:
         self._last_id = 0
         self._caches: dict[str, collections.deque] = {}  # --cachepersist
         self._stopping: set[asyncio.Task] = set()
+        self.closing = False  # shutdown() has begun: no room starts any more
 
     def new_client_id(self) -> int:
         """Return the next client id: 1, 2, 3... for the server's lifetime."""
@@ -1754,6 +1756,8 @@ class Hub:
                 limit (--maxrooms, --oneshot, --tcpports) keeps the room closed.
         """
         config = self.config
+        if self.closing:
+            raise RoomUnavailable("server shutting down", CloseCode.GOING_AWAY)
         room = self.rooms.get(room_name)
         if room is None:
             if config.oneshot and self._oneshot_room is not None:
@@ -1836,6 +1840,7 @@ class Hub:
 
     async def shutdown(self) -> None:
         """Close every client with 1001 and stop every child."""
+        self.closing = True
         for room in list(self.rooms.values()):
             for client in list(room.clients.values()):
                 client.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -1867,6 +1872,9 @@ class Connection(asyncio.Protocol):
         self._head = bytearray()  # the request head; after it, bytes for the client
         self._timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future | None = None  # while the write buffer is full
+        self._discard = False  # an HTTP request is served: what the peer sends is dropped
+        self._peer_eof = False
+        self.lingering = False  # the response is out: waiting for the peer to close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         loop = asyncio.get_running_loop()
@@ -1879,6 +1887,8 @@ class Connection(asyncio.Protocol):
         client = self.client
         if client is not None:
             client.receive_data(data)
+            return
+        if self._discard:
             return
         head = self._head
         start = max(0, len(head) - 3)
@@ -1895,11 +1905,39 @@ class Connection(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self.server.serve(self, bytes(head[:end])))
         del head[:end]
 
-    def eof_received(self) -> None:
+    def eof_received(self) -> bool | None:
         if self.client is not None:
             self.client.receive_eof()
-        # Returns None: the transport closes; a request being served never
-        # gets here, as reading is paused.
+            return None  # the transport closes
+        self._peer_eof = True
+        if self.lingering:
+            return None  # the response is out and the peer is done: close
+        # A response may still be going out: keep the write side open (TLS cannot).
+        return self._discard and self.transport.get_extra_info("sslcontext") is None
+
+    def discard_input(self) -> None:
+        """Read and drop what the peer sends while an HTTP response goes out.
+
+        Bytes left unread when the socket is closed make the kernel send a RST
+        instead of a FIN, and the peer then loses the end of the response.
+        """
+        self._discard = True
+        self._head.clear()
+        self.transport.resume_reading()
+
+    async def linger(self) -> None:
+        """After a response, half-close and wait (CLOSE_TIMEOUT at most) for the peer to close.
+
+        Bytes the peer sends after the server has closed draw a reset, which
+        can destroy the end of the response still on its way: a lingering
+        close, as HTTP servers do. (TLS has no half-close: it closes at once.)
+        """
+        transport = self.transport
+        if self._peer_eof or transport.is_closing() or not transport.can_write_eof() or self.server.closing:
+            return
+        self.lingering = True
+        transport.write_eof()
+        await asyncio.wait({self.closed}, timeout=CLOSE_TIMEOUT)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
@@ -2024,7 +2062,9 @@ class Client:
 
     def resume(self) -> None:
         self.waiting = False
-        if self.connection.client is self:  # else the upgrade will resume reading
+        # Before the upgrade, the upgrade resumes reading; after the connection
+        # is lost there is nothing to resume.
+        if self.connection.client is self and not self.done.done():
             self.transport.resume_reading()
 
     def close(self, code: int, reason: str) -> None:
@@ -2230,6 +2270,7 @@ class Server:
         self._tasks: set[asyncio.Task] = set()  # serving a request each
         self._server: asyncio.AbstractServer | None = None
         self._keepalive: asyncio.Task | None = None
+        self.closing = False  # close() has begun
 
     async def start(self) -> None:
         """Bind and start accepting; log the address actually bound."""
@@ -2273,16 +2314,17 @@ class Server:
 
     async def close(self) -> None:
         """Stop accepting, close every client with 1001, stop every child."""
+        self.closing = True
         if self._server is not None:
             self._server.close()  # stop accepting
         if self._keepalive is not None:
             self._keepalive.cancel()
+        for connection in list(self.connections):
+            if connection.task is None or connection.lingering:
+                connection.transport.abort()  # its request head is not in yet, or its response is out
         await self.hub.shutdown()
         for client in list(self.clients):  # clients outside any room (being refused)
             client.close(CloseCode.GOING_AWAY, "server shutting down")
-        for connection in list(self.connections):
-            if connection.task is None:
-                connection.transport.abort()  # its request head is not in yet
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_TIMEOUT + 1)
             for task in pending:
@@ -2319,13 +2361,16 @@ class Server:
             request.remote_addr = peer[0] if isinstance(peer, tuple) else ""
             if is_websocket_upgrade(request):
                 await self._serve_websocket(connection, request)
-            else:
-                await self._serve_http(connection, request)
+                return
+            await self._serve_http(connection, request)
         except HTTPError as exc:
             log.info("! %d %s", exc.status, exc.reason)
+            connection.discard_input()
             transport.write(error_response(exc, head_only=request is not None and request.method == "HEAD"))
+        await connection.linger()
 
     async def _serve_http(self, connection: Connection, request: Request) -> None:
+        connection.discard_input()
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {request.method} is not allowed", [("Allow", "GET, HEAD")])
         head_only = request.method == "HEAD"
@@ -2737,12 +2782,40 @@ async def serve(config: Config) -> None:
         await server.close()
 
 
+def _watch_children_with_pidfds() -> asyncio.AbstractChildWatcher | None:
+    """Before Python 3.12, make asyncio wait for children with pidfds, if the kernel has them.
+
+    Its default there starts a thread per child to wait for it, which costs
+    more than starting the child; Python 3.12 and newer use pidfds already.
+    Process-wide, so only for the command line's own loop.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return None  # an old kernel, or a sandbox that forbids the call
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    return watcher
+
+
+async def _serve_command_line(config: Config) -> None:
+    watcher = _watch_children_with_pidfds()
+    try:
+        await serve(config)
+    finally:
+        if watcher is not None:
+            watcher.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     config = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(config)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(_serve_command_line(config))
     except OSError as exc:
         print(f"scalesocket.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
               file=sys.stderr)

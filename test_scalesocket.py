@@ -1200,6 +1200,29 @@ def test_static_file_is_streamed_whole(serve, tmp_path):
     assert status == 200 and body == (tmp_path / "big.bin").read_bytes()
 
 
+def test_static_file_arrives_whole_when_the_client_sends_more(serve, tmp_path):
+    """Bytes sent after the request head (a pipelined request) do not cut the response short.
+
+    Left unread when the server closes, they would make the kernel answer
+    with a reset that throws away the end of the response.
+    """
+    size = 16 * 2**20
+    (tmp_path / "big.bin").write_bytes(b"x" * size)
+    server = serve("--staticdir", str(tmp_path), "cat")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT) as sock:
+        request = b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request)
+        received = sock.recv(65536)  # the response has begun
+        sock.sendall(request)
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == size
+
+
 @pytest.mark.parametrize(
     "target", ["/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/..%5csecret.txt", "/leak", "/leakdir/secret.txt", "/nope"]
 )
@@ -1635,6 +1658,28 @@ def test_tcp_mode(serve):
     c = server.connect("/other")
     assert c.recv_text() == f"port {start}"
     c.close()
+
+
+def test_tcp_child_that_ends_its_output_still_gets_input(serve, tmp_path):
+    """--tcp: a child that shuts down its sending side can still read what clients send."""
+    start, end = _free_port_range(1)
+    got = tmp_path / "got.txt"
+    child = f"""
+import os, socket
+server = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+conn, _ = server.accept()
+conn.sendall(b"ready\\n")
+conn.shutdown(socket.SHUT_WR)
+line = conn.makefile("rb").readline()
+with open({str(got)!r}, "wb") as f:
+    f.write(line)
+"""
+    server = serve("--tcp", f"--tcpports={start}:{end}", *py_child(child))
+    a = server.connect("/r")
+    assert a.recv_text() == "ready"
+    a.send_text("still listening?")
+    wait_until(lambda: got.exists() and got.read_bytes() == b"still listening?\n", what="the child to get the message")
+    a.close()
 
 
 def test_tcp_child_that_never_listens(serve):
