@@ -1465,9 +1465,15 @@ class Room:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        """Stop the child and reap it, after it has finished starting."""
+        """Stop the child and reap it, after it has finished starting.
+
+        A --tcp child still waiting for its connection (--delay, retries) is
+        not waited for: that wait is cancelled.
+        """
         self.ended = True
         if self.starting is not None and not self.starting.done():
+            if self.config.tcp and self.pid is not None:
+                self.starting.cancel()
             await asyncio.gather(self.starting, return_exceptions=True)
         await self._kill()
 
@@ -1770,6 +1776,12 @@ class Hub:
             log.error("room %r: %s", room_name, exc.reason, extra={"room": room_name})
             self._end(room)
             raise
+        except asyncio.CancelledError:
+            if not room.starting.cancelled():
+                raise  # this client's own task was cancelled
+            # The room was stopped while it started: answered below.
+        if self.closing:
+            raise RoomUnavailable("server shutting down", CloseCode.GOING_AWAY)
         if room.ended:
             raise RoomUnavailable(room.failure or "the room's child has exited")
         room.clients[client.id] = client
@@ -2059,8 +2071,13 @@ class Client:
         self.waiting = False
         # Before the upgrade, the upgrade resumes reading; after the connection
         # is lost there is nothing to resume.
-        if self.connection.client is self and not self.done.done():
+        if self.upgraded and not self.done.done():
             self.transport.resume_reading()
+
+    @property
+    def upgraded(self) -> bool:
+        """Whether its 101 is out (and every read comes here): frames may follow."""
+        return self.connection.client is self
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; drop the connection if the peer does not answer in time."""
@@ -2297,6 +2314,8 @@ class Server:
             now = loop.time()
             for client in list(self.clients):
                 quiet = now - client.last_seen
+                if not client.upgraded:
+                    continue  # its room is starting: no frame may come before its 101
                 if client.waiting:
                     # Not read while its child is behind, so its answers wait
                     # too. The ping still finds out if the peer is gone: a
@@ -2319,7 +2338,8 @@ class Server:
                 connection.transport.abort()  # its request head is not in yet, or its response is out
         await self.hub.shutdown()
         for client in list(self.clients):  # clients outside any room (being refused)
-            client.close(CloseCode.GOING_AWAY, "server shutting down")
+            if client.upgraded:  # one still joining gets its 101, then 1001, from join()
+                client.close(CloseCode.GOING_AWAY, "server shutting down")
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_TIMEOUT + 1)
             for task in pending:

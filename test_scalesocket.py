@@ -2493,6 +2493,35 @@ def test_sigterm_closes_clients_1001_and_reaps_children():
         server.stop()
 
 
+def test_sigterm_while_a_room_starts_answers_101_then_1001():
+    """A client whose room is still starting at shutdown gets its 101, then 1001: no frame before the 101."""
+    start, end = _free_port_range(1)
+    server = CLIServer("--tcp", f"--tcpports={start}:{end}", "--delay", "30", *py_child("import time\ntime.sleep(60)"))
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /r HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        wait_until(lambda: any("started child" in line for line in server.lines), what="the room's child to start")
+        server.proc.send_signal(signal.SIGTERM)
+        received, frames = b"", []
+        while not frames:
+            data = sock.recv(65536)
+            assert data, received
+            received += data
+            head, found, rest = received.partition(b"\r\n\r\n")
+            if found:
+                assert head.startswith(b"HTTP/1.1 101"), received[:80]  # nothing before it
+                frames = ss.FrameParser(masked=False).feed(rest)
+        assert frames[0].opcode == Opcode.CLOSE
+        assert frames[0].payload == ss.close_payload(1001, "server shutting down")
+        sock.sendall(Frame(Opcode.CLOSE, frames[0].payload).serialize(MASK))
+        assert server.proc.wait(IO_TIMEOUT) == 0
+        sock.close()
+    finally:
+        server.stop()
+
+
 def test_cli_logs_the_bound_port_and_serves():
     """Port 0 binds a free port, logged as 'listening on HOST:PORT'."""
     server = CLIServer("--json", "cat")
