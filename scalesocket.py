@@ -32,6 +32,7 @@ import mimetypes
 import os
 import re
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -1275,33 +1276,28 @@ class _StreamProtocol(asyncio.Protocol):
     """Hand the events of a child's TCP connection (--tcp) or terminal (--pty) to its room."""
 
     def __init__(self, room: Room, output: bool = True) -> None:
-        self.room: Room | None = room  # None once detached: events are ignored
+        self.room = room
         self.output = output  # False for the terminal's write side
 
     def data_received(self, data: bytes) -> None:
-        if self.room is not None:
-            self.room.output_received(data)
+        self.room.output_received(data)
 
     def eof_received(self) -> bool:
-        if self.room is not None:
-            self.room.output_ended()
+        self.room.output_ended()
         return True  # the child may still read its input: ``_kill`` closes the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A reset connection, or EIO from a terminal whose other side has
         # closed, also ends the output; what was read before it is delivered.
-        if self.room is not None:
-            if self.output:
-                self.room.output_ended()
-            self.room.input_resumed()
+        if self.output:
+            self.room.output_ended()
+        self.room.input_resumed()
 
     def pause_writing(self) -> None:
-        if self.room is not None:
-            self.room.input_paused()
+        self.room.input_paused()
 
     def resume_writing(self) -> None:
-        if self.room is not None:
-            self.room.input_resumed()
+        self.room.input_resumed()
 
 
 class Room:
@@ -1334,9 +1330,8 @@ class Room:
         self._output_done = False
         self._killed = False
         self._tasks: list[asyncio.Task] = []
-        self._resumed: asyncio.Future | None = None  # while the child is behind on its input
+        self._behind: asyncio.TimerHandle | None = None  # while the child is behind on its input: pings the waiting
         self._waiting: set[Client] = set()  # clients not read until it catches up
-        self._pinger: asyncio.TimerHandle | None = None
         self._out = bytearray()  # output that does not make a whole message yet
 
     # The child's life.
@@ -1444,19 +1439,22 @@ class Room:
             await asyncio.sleep(self.config.delay)
         deadline = loop.time() + TCP_CONNECT_TIMEOUT
         while True:
-            protocol = _StreamProtocol(self)
+            sock = socket.socket()
+            sock.setblocking(False)
             try:
-                transport, _ = await loop.create_connection(lambda: protocol, "127.0.0.1", self.port)
+                await loop.sock_connect(sock, ("127.0.0.1", self.port))
             except OSError:
-                pass
+                sock.close()
+            except asyncio.CancelledError:  # the room is stopped while it waits
+                sock.close()
+                raise
             else:
-                sock = transport.get_extra_info("socket")
                 if sock.getsockname() != sock.getpeername():
+                    transport, _ = await loop.create_connection(lambda: _StreamProtocol(self), sock=sock)
                     return transport
                 # Nothing listened yet and the kernel gave us the same port as
                 # our own source port: a TCP self-connection. Not the child.
-                protocol.room = None
-                transport.abort()
+                sock.close()
             if self._exited.done():
                 code = self._transport.get_returncode()
                 raise ProcessSpawnError(f"child exited with code {code} before listening on port {self.port}")
@@ -1539,23 +1537,21 @@ class Room:
         if transport is None or self.ended or transport.is_closing():
             return
         transport.write(data)
-        if self._resumed is not None and client is not None and client not in self._waiting:
+        if self._behind is not None and client is not None and client not in self._waiting:
             self._waiting.add(client)
             client.pause()
 
     def input_paused(self) -> None:
         """The child is behind on its input: its clients wait (called by the transport)."""
-        if self._resumed is None:
-            self._resumed = asyncio.get_running_loop().create_future()
-            self._pinger = asyncio.get_running_loop().call_later(WAIT_PING, self._ping_waiting)
+        if self._behind is None:
+            self._behind = asyncio.get_running_loop().call_later(WAIT_PING, self._ping_waiting)
 
     def input_resumed(self) -> None:
         """The child has caught up, or its input is gone: read its clients again."""
-        if self._resumed is None:
+        if self._behind is None:
             return
-        self._resumed.set_result(None)
-        self._resumed = None
-        self._pinger.cancel()
+        self._behind.cancel()
+        self._behind = None
         waiting, self._waiting = self._waiting, set()
         for client in waiting:
             client.resume()
@@ -1565,7 +1561,7 @@ class Room:
         # to a closed socket draws a reset, which ends the connection.
         for client in list(self._waiting):
             client.ping()
-        self._pinger = asyncio.get_running_loop().call_later(WAIT_PING, self._ping_waiting)
+        self._behind = asyncio.get_running_loop().call_later(WAIT_PING, self._ping_waiting)
 
     def forget(self, client: Client) -> None:
         """Stop tracking a client that has left."""
@@ -1952,7 +1948,7 @@ class Connection(asyncio.Protocol):
         self.closed.set_result(None)
         self.resume_writing()
         if self.client is not None:
-            self.client.connection_lost()
+            self.client.receive_eof()
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -1978,7 +1974,7 @@ class Connection(asyncio.Protocol):
         self.client = client
         rest, self._head = bytes(self._head), bytearray()
         if self.closed.done():
-            client.connection_lost()
+            client.receive_eof()
             return
         if rest:
             client.receive_data(rest)
@@ -2039,9 +2035,6 @@ class Client:
         self.protocol.receive_eof()
         if not self.done.done():
             self.done.set_result(None)
-
-    def connection_lost(self) -> None:
-        self.receive_eof()
 
     def send(self, data: bytes) -> None:
         """Write encoded frames, unless the closing handshake has begun."""
