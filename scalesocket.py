@@ -820,7 +820,15 @@ def parse_request(head: bytes) -> Request:
         if any(c < " " and c != "\t" or c == "\x7f" for c in value):
             raise BadRequest("control character in a header value")
         name = name.lower()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if name in headers:
+            if name == "host":
+                raise BadRequest("more than one Host header")  # RFC 7230 §5.4
+            value = f"{headers[name]}, {value}"
+        headers[name] = value
+    if "host" not in headers and version == "HTTP/1.1":
+        # RFC 7230 §5.4: an HTTP/1.1 request without Host gets 400 (and RFC
+        # 6455 §4.1 lists it among the handshake's fields).
+        raise BadRequest("missing Host header")
     path, _, query = target.partition("?")
     query = query.partition("#")[0]
     return Request(method, target, path, query, headers, version)

@@ -700,8 +700,31 @@ def test_parse_request_rejects_other_http_versions_with_505():
 
 def test_duplicate_headers_are_joined():
     """Repeated headers combine with commas, as RFC 9110 allows."""
-    request = ss.parse_request(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nconnection: Upgrade\r\n\r\n")
+    request = ss.parse_request(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nconnection: Upgrade\r\n\r\n")
     assert request.header_tokens("connection") == {"keep-alive", "upgrade"}
+
+
+def test_host_is_required_once_in_http_1_1():
+    """RFC 7230 §5.4: no Host, or two, is 400 for HTTP/1.1; HTTP/1.0 may omit it."""
+    with pytest.raises(ss.BadRequest, match="missing Host"):
+        ss.parse_request(b"GET / HTTP/1.1\r\nX: y\r\n\r\n")
+    with pytest.raises(ss.BadRequest, match="more than one Host"):
+        ss.parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n")
+    assert ss.parse_request(b"GET / HTTP/1.0\r\n\r\n").headers == {}
+
+
+@pytest.mark.parametrize("hosts", [[], ["Host: a", "Host: b"]])
+@pytest.mark.parametrize("upgrade", [True, False])
+def test_server_answers_400_without_exactly_one_host(serve, hosts, upgrade):
+    """An upgrade or a plain request with no Host, or two, gets 400 and starts nothing."""
+    server = serve("cat")
+    fields = hosts + (["Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 13",
+                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="] if upgrade else [])
+    target = "/room" if upgrade else "/health"
+    response = raw_request(server.port, (f"GET {target} HTTP/1.1\r\n" + "".join(f + "\r\n" for f in fields) + "\r\n").encode())
+    assert status_of(response) == 400
+    assert b"Host header" in response
+    assert server.call(lambda: len(server.server.hub.rooms)) == 0
 
 
 @pytest.mark.parametrize(
@@ -2541,7 +2564,7 @@ def test_embedding_start_and_close_in_a_running_loop():
         server = ss.Server(ss.Config(cmd="cat", host="127.0.0.1", port=0))
         await server.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /health HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         response = await reader.read()
         writer.close()
         await server.close()
