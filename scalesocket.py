@@ -26,6 +26,7 @@ import enum
 import fcntl
 import hashlib
 import http
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -919,6 +920,79 @@ def check_origin(request: Request, origins: frozenset[str] | None, same_origin: 
     raise Forbidden(f"origin {origin!r} is not allowed")
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parse an address; an IPv4-mapped IPv6 one (a dual-stack listener's) counts as IPv4.
+
+    Raises:
+        ValueError: not an IP address.
+    """
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_for(value: str) -> list[str]:
+    """Return the ``for=`` addresses of a Forwarded header (RFC 7239), first hop first.
+
+    Raises:
+        ValueError: an element has no usable ``for=`` address (none, unknown,
+            an obfuscated name, or bad syntax).
+    """
+    hops = []
+    for element in value.split(","):
+        address = None
+        for pair in element.split(";"):
+            name, sep, token = pair.strip().partition("=")
+            if not sep:
+                raise ValueError(f"malformed pair {pair.strip()!r}")
+            if name.lower() != "for":
+                continue
+            token = token.strip('"')
+            if token.startswith("["):  # "[2001:db8::1]:4711"
+                token = token[1:].partition("]")[0]
+            elif token.count(":") == 1:  # "192.0.2.1:4711"
+                token = token.partition(":")[0]
+            address = token
+        if address is None:
+            raise ValueError("an element without for=")
+        hops.append(address)
+    return hops
+
+
+def client_address(peer: str, headers: dict[str, str], trusted: tuple | None) -> str:
+    """Return the client's address: the peer's, or, from a trusted proxy, the forwarded one.
+
+    Only when the peer is in ``trusted`` (a tuple of networks, --trustproxy):
+    the rightmost address of X-Forwarded-For that is not trusted itself (or
+    the leftmost, if all are), else the same from Forwarded (RFC 7239). A
+    header that does not parse is ignored, so a client can never choose its
+    address, and a malformed one never costs more than the peer's address.
+    """
+    if not trusted or not peer:
+        return peer
+    try:
+        if not any(_ip(peer) in network for network in trusted):
+            return peer
+    except ValueError:
+        return peer
+    for name in ("x-forwarded-for", "forwarded"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            hops = [hop.strip() for hop in value.split(",")] if name == "x-forwarded-for" else _forwarded_for(value)
+            addresses = [_ip(hop) for hop in hops]
+        except ValueError as exc:
+            log.debug("! ignoring a malformed %s header from %s: %s", name, peer, exc)
+            continue
+        for address in reversed(addresses):
+            if not any(address in network for network in trusted):
+                return str(address)
+        return str(addresses[0])
+    return peer
+
+
 def room_from_path(path: str) -> str:
     """Return the room named by an upgrade path: '/chat' is room 'chat'.
 
@@ -1029,6 +1103,7 @@ class Config:
     max_backlog: int = DEFAULT_MAX_BACKLOG
     ping: float = DEFAULT_PING  # 0: no keepalive pings
     origins: frozenset[str] | None = None  # --origins: allowed Origin values (or hosts)
+    trust_proxy: tuple = ()  # --trustproxy: networks whose X-Forwarded-For/Forwarded is believed
     same_origin: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -2374,7 +2449,8 @@ class Server:
                 raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
             request = parse_request(head)
             peer = transport.get_extra_info("peername")
-            request.remote_addr = peer[0] if isinstance(peer, tuple) else ""
+            peer = peer[0] if isinstance(peer, tuple) else ""
+            request.remote_addr = client_address(peer, request.headers, self.config.trust_proxy)
             if is_websocket_upgrade(request):
                 await self._serve_websocket(connection, request)
                 return
@@ -2557,6 +2633,16 @@ def _names(value: str) -> list[str]:
     return names
 
 
+def _networks(value: str) -> tuple:
+    networks = []
+    for name in _names(value):
+        try:
+            networks.append(ipaddress.ip_network(name, strict=False))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected IP addresses or networks (CIDR), got {name!r}") from None
+    return tuple(networks)
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """--help laid out the same on every terminal and Python version (a golden test pins it)."""
 
@@ -2647,6 +2733,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--origins", type=_names, metavar="LIST",
         help="allowed Origin values (https://host[:port] or host[:port]); others get 403")
     add("--sameorigin", action="store_true", help="allow a browser Origin only if it matches the Host header")
+    add("--trustproxy", type=_networks, default=(), metavar="LIST",
+        help="comma-separated proxy addresses or networks (CIDR) whose X-Forwarded-For or "
+        "Forwarded header names the client's address")
     add("--tlscert", metavar="FILE", help="serve wss:// and https:// with this certificate chain (PEM)")
     add("--tlskey", metavar="FILE", help="the private key for --tlscert (PEM)")
     add("--compression", choices=("on", "off"), default="on",
@@ -2740,6 +2829,7 @@ def parse_args(argv: list[str]) -> Config:
         ping=ns.ping,
         origins=frozenset(origin.lower() for origin in ns.origins) if ns.origins else None,
         same_origin=ns.sameorigin,
+        trust_proxy=ns.trustproxy,
         tls_cert=ns.tlscert,
         tls_key=ns.tlskey,
         compression=ns.compression == "on",

@@ -2070,6 +2070,55 @@ def test_origin_checks(serve, argv, origin, allowed):
         assert exc.value.status == 403
 
 
+_TRUSTED = tuple(ss.ipaddress.ip_network(n) for n in ("127.0.0.1", "10.0.0.0/8", "::1"))
+
+
+@pytest.mark.parametrize(
+    "peer, headers, address",
+    [
+        ("127.0.0.1", {"x-forwarded-for": "203.0.113.7"}, "203.0.113.7"),
+        # the rightmost address not trusted: what the trusted proxy saw, not what the client wrote
+        ("127.0.0.1", {"x-forwarded-for": "1.1.1.1, 203.0.113.7, 10.1.2.3"}, "203.0.113.7"),
+        ("127.0.0.1", {"x-forwarded-for": "10.9.9.9, 10.1.2.3"}, "10.9.9.9"),  # all trusted: the first
+        ("::ffff:127.0.0.1", {"x-forwarded-for": "2001:db8::1"}, "2001:db8::1"),
+        ("127.0.0.1", {"forwarded": 'for=192.0.2.60;proto=http;by=203.0.113.43'}, "192.0.2.60"),
+        ("127.0.0.1", {"forwarded": 'for=192.0.2.1, for="[2001:db8:cafe::17]:4711"'}, "2001:db8:cafe::17"),
+        ("127.0.0.1", {"forwarded": "For=\"192.0.2.9:80\""}, "192.0.2.9"),
+        # X-Forwarded-For wins over Forwarded
+        ("127.0.0.1", {"x-forwarded-for": "203.0.113.7", "forwarded": "for=192.0.2.60"}, "203.0.113.7"),
+        # untrusted peers cannot choose their address
+        ("198.51.100.4", {"x-forwarded-for": "203.0.113.7"}, "198.51.100.4"),
+        ("198.51.100.4", {"forwarded": "for=203.0.113.7"}, "198.51.100.4"),
+        # malformed headers are ignored: the next header, or the peer
+        ("127.0.0.1", {"x-forwarded-for": "not-an-ip"}, "127.0.0.1"),
+        ("127.0.0.1", {"x-forwarded-for": "1.2.3.4,,"}, "127.0.0.1"),
+        ("127.0.0.1", {"x-forwarded-for": "junk", "forwarded": "for=192.0.2.60"}, "192.0.2.60"),
+        ("127.0.0.1", {"forwarded": "for=unknown"}, "127.0.0.1"),
+        ("127.0.0.1", {"forwarded": "for=_hidden"}, "127.0.0.1"),
+        ("127.0.0.1", {"forwarded": "garbage;;=="}, "127.0.0.1"),
+        ("127.0.0.1", {"forwarded": "proto=https"}, "127.0.0.1"),
+        ("127.0.0.1", {}, "127.0.0.1"),
+    ],
+)
+def test_client_address_from_trusted_proxies_only(peer, headers, address):
+    """Forwarded addresses count only from a trusted peer; malformed ones are ignored."""
+    assert ss.client_address(peer, headers, _TRUSTED) == address
+    assert ss.client_address(peer, headers, ()) == peer  # without --trustproxy: always the peer
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_trustproxy_gives_the_child_the_forwarded_address(serve, trust):
+    """Behind --trustproxy the child, #REMOTE_ADDR and the log see X-Forwarded-For; otherwise the peer."""
+    argv = ["--trustproxy", "127.0.0.0/8,::1"] if trust else []
+    server = serve(*argv, "--joinmsg", "#REMOTE_ADDR", *py_child(
+        "import os, sys\nprint(os.environ['REMOTE_ADDR'], flush=True)\nprint(sys.stdin.readline().strip(), flush=True)"))
+    a = server.connect("/r", headers={"X-Forwarded-For": "203.0.113.7", "Forwarded": "for=192.0.2.1"})
+    expected = "203.0.113.7" if trust else "127.0.0.1"
+    assert a.recv_text() == expected  # REMOTE_ADDR
+    assert a.recv_text() == expected  # #REMOTE_ADDR in the join message
+    a.close()
+
+
 @pytest.fixture
 def certificate(tmp_path):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""
@@ -2471,6 +2520,9 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
         (["--json", "--frame=gwsocket", "cat"], "--frame"),
         (["--staticdir", "/no/such/dir", "cat"], "--staticdir"),
         (["--bogus", "cat"], "--bogus"),
+        (["--trustproxy", "10.0.0.0/33", "cat"], "--trustproxy"),
+        (["--trustproxy", "proxy.example", "cat"], "--trustproxy"),
+        (["--trustproxy", ",", "cat"], "--trustproxy"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, option):
