@@ -2018,12 +2018,27 @@ class Connection(asyncio.Protocol):
         can destroy the end of the response still on its way: a lingering
         close, as HTTP servers do. (TLS has no half-close: it closes at once.)
         """
-        transport = self.transport
-        if self._peer_eof or transport.is_closing() or not transport.can_write_eof() or self.server.closing:
+        if self._peer_eof or self.server.closing or not self.half_close():
             return
         self.lingering = True
-        transport.write_eof()
         await asyncio.wait({self.closed}, timeout=CLOSE_TIMEOUT)
+
+    def half_close(self) -> bool:
+        """Send a FIN if the connection can take one; tell whether it did.
+
+        A peer that reset the connection is normal network weather: asyncio
+        may not have noticed yet, and the socket then refuses the shutdown.
+        """
+        transport = self.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            return False
+        try:
+            transport.write_eof()
+        except OSError as exc:
+            log.debug("! connection lost before its half-close: %s", exc)
+            transport.abort()
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
@@ -2121,8 +2136,8 @@ class Client:
 
     def send(self, data: bytes) -> None:
         """Write encoded frames, unless the closing handshake has begun."""
-        if self.protocol.state is not State.OPEN:
-            return
+        if self.protocol.state is not State.OPEN or self.transport.is_closing():
+            return  # closing, or lost: asyncio has not told the protocol yet
         if self.transport.get_write_buffer_size() > self.max_backlog:
             self.close(CloseCode.POLICY_VIOLATION, f"client fell behind: over {self.max_backlog} bytes unread")
             return
@@ -2509,6 +2524,8 @@ class Server:
                 if not chunk:
                     break  # the file shrank; the client sees a short body
                 remaining -= len(chunk)
+                if transport.is_closing():
+                    return  # the reader reset the connection: nothing more to read or write
                 transport.write(chunk)
                 await connection.drain()
 
@@ -2560,8 +2577,7 @@ class Server:
         # loses the close frame. After a closing handshake the peer sends
         # nothing more, and the server closes the TCP connection first (RFC
         # 6455 §7.1.1).
-        if protocol.failed and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+        if protocol.failed and connection.half_close():
             await asyncio.wait({connection.closed}, timeout=CLOSE_TIMEOUT)
 
 

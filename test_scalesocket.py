@@ -1246,6 +1246,85 @@ def test_static_file_arrives_whole_when_the_client_sends_more(serve, tmp_path):
     assert head.startswith(b"HTTP/1.1 200") and len(body) == size
 
 
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset instead of a FIN, as HAProxy's health checks do."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _upgrade_head(path: str = "/r") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
+
+
+def test_rude_endings_leave_no_error_in_the_log(tmp_path):
+    """A peer that resets at any point is network weather: no ERROR, no traceback, no write-after-loss warning."""
+    (tmp_path / "big.bin").write_bytes(b"x" * (4 * 2**20))
+    server = CLIServer("--staticdir", str(tmp_path), *py_child(ECHO))
+    address = ("127.0.0.1", server.port)
+
+    def connect(rcvbuf: int | None = None) -> socket.socket:
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(IO_TIMEOUT)
+        sock.connect(address)
+        return sock
+
+    def read_until(sock: socket.socket, marker: bytes) -> bytes:
+        data = b""
+        while marker not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        return data
+
+    try:
+        for _ in range(3):
+            sock = connect()  # reset right after the request
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            _reset(sock)
+            sock = connect()  # reset after the response, while the server lingers
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            read_until(sock, b'{"status":"ok"}')
+            _reset(sock)
+            sock = connect(rcvbuf=4096)  # reset in the middle of a streamed file
+            sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            read_until(sock, b"xxxx")
+            _reset(sock)
+            sock = connect()  # reset during the handshake: half a head, then a whole one
+            sock.sendall(_upgrade_head()[:30])
+            _reset(sock)
+            sock = connect()
+            sock.sendall(_upgrade_head())
+            _reset(sock)
+            sock = connect()  # reset in the middle of a frame
+            sock.sendall(_upgrade_head())
+            read_until(sock, b"\r\n\r\n")
+            sock.sendall(Frame(Opcode.TEXT, b"hello" * 100).serialize(mask_key=MASK)[:50])
+            _reset(sock)
+            sock = connect()  # reset during the closing handshake the client began
+            sock.sendall(_upgrade_head())
+            read_until(sock, b"\r\n\r\n")
+            sock.sendall(Frame(Opcode.CLOSE, ss.close_payload(1000)).serialize(mask_key=MASK))
+            _reset(sock)
+            sock = connect()  # reset during the closing handshake the server began (a protocol error)
+            sock.sendall(_upgrade_head())
+            read_until(sock, b"\r\n\r\n")
+            sock.sendall(b"\x81\x05hello")  # unmasked: the server fails the connection with 1002
+            _reset(sock)
+        client = ws_connect("127.0.0.1", server.port, "/after")  # still serving
+        client.send_text("still here")
+        assert client.recv_text() == "still here"
+        client.close()
+        assert http_request(server.port, "/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+    log = "".join(server.lines)
+    for bad in ("ERROR", "Traceback", "raised exception", "Exception"):
+        assert bad not in log, log
+
+
 @pytest.mark.parametrize(
     "target", ["/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/..%5csecret.txt", "/leak", "/leakdir/secret.txt", "/nope"]
 )
