@@ -32,6 +32,7 @@ import logging
 import mimetypes
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -85,6 +86,8 @@ TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
 CHILD_HIGH_WATER = 64 * 1024  # bytes queued for a child before its clients wait
 WAIT_PING = 2.0  # seconds between pings to a client waiting on its child
 FILE_CHUNK = 64 * 1024
+FDS_PER_ROOM = 4  # a child's three pipes and the descriptor that watches it
+RESERVED_FDS = 32  # the listener, the event loop, logs, static files being read
 DEFAULT_PASSENV = ("PATH", "DYLD_LIBRARY_PATH")
 FRAME_MODES = ("json", "gwsocket")
 RESERVED_ROOMS = frozenset(
@@ -1435,7 +1438,10 @@ class Room:
             env["PORT"] = str(self.port)
             stdin = subprocess.DEVNULL
         elif config.pty:
-            master, stdin = open_pty()
+            try:
+                master, stdin = open_pty()
+            except OSError as exc:  # no /dev/pts in a minimal container, or the system's limit reached
+                raise ProcessSpawnError(f"cannot start {config.cmd}: no terminal available ({exc.strerror or exc})") from None
             stdout = stderr = stdin  # all three on the terminal, as in a terminal window
         try:
             transport, protocol = await loop.subprocess_exec(
@@ -1968,6 +1974,7 @@ class Connection(asyncio.Protocol):
         self.closed = loop.create_future()
         self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
         self.server.connections.add(self)
+        self.server.accept_failing = False
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -2374,6 +2381,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._keepalive: asyncio.Task | None = None
         self.closing = False  # close() has begun
+        self.accept_failing = False  # out of descriptors: warned once until a connection is accepted
 
     async def start(self) -> None:
         """Bind and start accepting; log the address actually bound."""
@@ -2391,6 +2399,21 @@ class Server:
         log.info("listening on %s:%d%s", host, self.port, " (TLS)" if tls else "")
         if config.ping > 0:
             self._keepalive = asyncio.get_running_loop().create_task(self._ping_clients())
+
+    def loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """An event loop exception handler: out of file descriptors is one warning a burst.
+
+        asyncio pauses accepting for a second when accept() fails for want of
+        descriptors; it would log a traceback each time.
+        """
+        if context.get("message") != "socket.accept() out of system resource":
+            loop.default_exception_handler(context)
+            return
+        if not self.accept_failing:
+            self.accept_failing = True
+            exc = context.get("exception")
+            log.warning("cannot accept connections: %s (%d open files at most: raise `ulimit -n`); retrying",
+                        getattr(exc, "strerror", None) or exc, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
     async def _ping_clients(self) -> None:
         """Ping clients that have been quiet; close those quiet for two intervals.
@@ -2891,8 +2914,9 @@ def setup_logging(config: Config) -> None:
 async def serve(config: Config) -> None:
     """Run a server until SIGINT or SIGTERM (or --oneshot's room ends), then close it."""
     server = Server(config)
-    await server.start()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(server.loop_error)
+    await server.start()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.done.set)
     try:
@@ -2932,10 +2956,38 @@ async def _serve_command_line(config: Config) -> None:
             watcher.close()
 
 
+def open_files_needed(config: Config) -> int:
+    """Return about how many descriptors a full server needs: one a client, FDS_PER_ROOM a room."""
+    rooms = config.max_rooms or config.max_clients  # each client may open a room of its own
+    return config.max_clients + FDS_PER_ROOM * min(rooms, config.max_clients) + RESERVED_FDS
+
+
+def raise_open_file_limit(config: Config) -> None:
+    """Raise the soft limit on open files to the hard one, as Go's runtime and nginx do.
+
+    Shells often start programs with a soft limit of 1,024 while the hard
+    limit is far higher. If even the hard limit cannot hold --maxclients and
+    their rooms, one warning line says so at start.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, open_files_needed(config))
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    need = open_files_needed(config)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("open file limit is %d, but --maxclients %d and their rooms need about %d: "
+                    "raise it (ulimit -n %d) or lower --maxclients/--maxrooms", soft, config.max_clients, need, need)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     config = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(config)
+    raise_open_file_limit(config)
     try:
         asyncio.run(_serve_command_line(config))
     except OSError as exc:

@@ -329,12 +329,16 @@ def py_child(code: str) -> list[str]:
 class CLIServer:
     """scalesocket.py run as a real command, read up to its 'listening on' line."""
 
-    def __init__(self, *argv: str) -> None:
+    def __init__(self, *argv: str, nofile: tuple[int, int] | None = None) -> None:
+        import resource
+
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "scalesocket.py"), "--addr", "127.0.0.1:0", *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # an open-file limit (soft, hard) as a shell's `ulimit -n` would set it
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None,
         )
         self.lines: list[str] = []
         while True:
@@ -1255,6 +1259,47 @@ def _reset(sock: socket.socket) -> None:
 def _upgrade_head(path: str = "/r") -> bytes:
     return (f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
+
+
+def test_soft_open_file_limit_is_raised_to_the_hard_one():
+    """Started under `ulimit -Sn 128`, the server raises its soft limit to the hard one, and says nothing."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 6000:
+        pytest.skip(f"the hard limit ({hard}) is too low to show the raise")
+    server = CLIServer("--maxclients", "1000", "cat", nofile=(128, hard))  # needs about 5,032
+    try:
+        limits = open(f"/proc/{server.proc.pid}/limits").read()
+        soft = int(re.search(r"Max open files\s+(\d+)", limits).group(1))
+        assert soft == hard
+        assert not any("open file limit" in line for line in server.lines)
+    finally:
+        assert server.stop() == 0
+
+
+def test_open_file_exhaustion_is_one_warning_and_serving_goes_on():
+    """Under a hard limit of 64: one warning at start with the numbers and the fix, one per burst of refused accepts."""
+    server = CLIServer("cat", nofile=(64, 64))
+    try:
+        warning = [line for line in server.lines if "open file limit" in line]
+        assert len(warning) == 1 and "open file limit is 64" in warning[0] and "ulimit -n 50032" in warning[0], warning
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT) for _ in range(80)]
+        wait_until(lambda: any("cannot accept connections" in line for line in server.lines), what="the warning")
+        for sock in socks:
+            sock.close()
+        wait_until(lambda: _health_ok(server.port), what="serving again")
+    finally:
+        assert server.stop() == 0
+    assert sum("cannot accept connections" in line for line in server.lines) == 1, server.lines
+    assert not any("Traceback" in line or "ERROR" in line for line in server.lines), server.lines
+
+
+def _health_ok(port: int) -> bool:
+    try:
+        return http_request(port, "/health")[0] == 200
+    except OSError:
+        return False
 
 
 def test_rude_endings_leave_no_error_in_the_log(tmp_path):
@@ -2521,6 +2566,20 @@ def test_pty_child_is_stopped_with_a_hangup(serve):
     pid = int(re.search(rb"pid=(\d+)", out).group(1))
     a.close()
     wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE - 0.5, what="the shell to hang up")
+
+
+def test_pty_unavailable_is_a_spawn_failure(serve, monkeypatch):
+    """No terminal to be had (no /dev/pts, or the pty limit): 1011 with a reason; the server goes on."""
+
+    def no_terminal():
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(os, "openpty", no_terminal)
+    server = serve("--pty", "vim")
+    client = server.connect("/r")
+    assert client.recv_close() == (1011, "cannot start vim: no terminal available (No such device)")
+    monkeypatch.undo()
+    assert http_request(server.port, "/health")[0] == 200
 
 
 def test_pty_input_is_raw_and_last_output_arrives(serve):
