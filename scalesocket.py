@@ -1931,11 +1931,12 @@ class Hub:
             log.error("stopping a room failed", exc_info=task.exception())
 
     async def shutdown(self) -> None:
-        """Close every client with 1001 and stop every child."""
+        """Close every client with 1001 and stop every child, all at once."""
         self.closing = True
         for room in list(self.rooms.values()):
             for client in list(room.clients.values()):
                 client.close(CloseCode.GOING_AWAY, "server shutting down")
+        for room in list(self.rooms.values()):
             self._end(room)
         await asyncio.gather(*self._stopping, return_exceptions=True)
 
@@ -2450,12 +2451,20 @@ class Server:
         for connection in list(self.connections):
             if connection.task is None or connection.lingering:
                 connection.transport.abort()  # its request head is not in yet, or its response is out
-        await self.hub.shutdown()
+        # Every client is sent 1001 and every child SIGTERM at once; clients
+        # that answer get a clean closing handshake meanwhile, and the wait
+        # for the rest is no longer than the children's grace.
+        children = asyncio.get_running_loop().create_task(self.hub.shutdown())
         for client in list(self.clients):  # clients outside any room (being refused)
             if client.upgraded:  # one still joining gets its 101, then 1001, from join()
                 client.close(CloseCode.GOING_AWAY, "server shutting down")
         if self._tasks:
-            done, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_TIMEOUT + 1)
+            await asyncio.wait(set(self._tasks), timeout=KILL_GRACE)
+        for connection in list(self.connections):
+            connection.transport.abort()  # a peer that never answered the close
+        await children
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=1.0)
             for task in pending:
                 task.cancel()
         if self._server is not None:

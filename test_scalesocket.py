@@ -1948,14 +1948,14 @@ def test_log_json_and_verbosity():
     finally:
         server.stop()
     entries = [json.loads(line) for line in server.lines]
-    assert entries[0]["level"] == "info" and entries[0]["message"].startswith("listening on 127.0.0.1:")
+    listening = next(e for e in entries if e["message"].startswith("listening on"))
+    assert listening["level"] == "info" and listening["message"].startswith("listening on 127.0.0.1:")
     joined = next(e for e in entries if "joined" in e["message"])
     assert (joined["room"], joined["client"]) == ("lobby", 1)
     assert any(e["level"] == "debug" and "< TEXT b'traffic!'" in e["message"] for e in entries)
 
 
-HELP_GOLDEN = """\
-usage: scalesocket.py [OPTIONS] CMD [-- ARGS...]
+HELP_GOLDEN = """usage: scalesocket.py [OPTIONS] CMD [-- ARGS...]
 
 Turn a program that reads stdin and writes stdout into a multi-room WebSocket server:
 each client of ws://HOST:PORT/ROOM joins ROOM, whose first client starts CMD.
@@ -2015,6 +2015,9 @@ options:
   --origins LIST              allowed Origin values (https://host[:port] or
                               host[:port]); others get 403
   --sameorigin                allow a browser Origin only if it matches the Host header
+  --trustproxy LIST           comma-separated proxy addresses or networks (CIDR) whose
+                              X-Forwarded-For or Forwarded header names the client's
+                              address
   --tlscert FILE              serve wss:// and https:// with this certificate chain
                               (PEM)
   --tlskey FILE               the private key for --tlscert (PEM)
@@ -2702,6 +2705,38 @@ def test_sigterm_closes_clients_1001_and_reaps_children():
         assert server.proc.wait(IO_TIMEOUT) == 0
         for pid in pids:
             wait_until(lambda: process_gone(pid), what=f"child {pid} gone")
+    finally:
+        server.stop()
+
+
+def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children():
+    """SIGTERM with 50 clients that never read or answer and children that trap SIGTERM: 1001 to
+    every client at once, SIGKILL to the children after their grace, exit 0 within 3 s; a client
+    that answers still gets a clean closing handshake."""
+    stubborn = ("import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print(os.getpid(), flush=True)\nsys.stdin.read()\nimport time\ntime.sleep(60)")
+    server = CLIServer(*py_child(stubborn))
+    try:
+        polite = ws_connect("127.0.0.1", server.port, "/room0")
+        pids = {int(polite.recv_text())}
+        silent = []
+        for i in range(50):
+            client = ws_connect("127.0.0.1", server.port, f"/room{i % 5}")
+            if i < 5 and i % 5:
+                pids.add(int(client.recv_text()))
+            silent.append(client)
+        assert len(pids) == 5
+        server.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert polite.recv_close() == (1001, "server shutting down")  # it answers (WSClient echoes the close)
+        polite.wait_eof()  # and the server closes the TCP connection after the handshake
+        assert server.proc.wait(IO_TIMEOUT) == 0
+        assert time.monotonic() - started < 3.0  # before `docker stop` or Kubernetes would kill it
+        for client in silent:  # each was sent 1001, though it never read nor answered
+            client.protocol.receive_data(b"")
+            assert client.recv_close() == (1001, "server shutting down")
+        for pid in pids:
+            assert process_gone(pid)
     finally:
         server.stop()
 
