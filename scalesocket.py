@@ -882,9 +882,9 @@ def handshake_response(request: Request, compression: bool = True) -> tuple[byte
     try:
         raw = base64.b64decode(key.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
-        raw = b""
-    if len(raw) != 16:
-        raise BadRequest("Sec-WebSocket-Key must be 16 bytes in base64")
+        raise BadRequest("Sec-WebSocket-Key must be 16 bytes in base64, got no base64") from None
+    if len(raw) != 16:  # RFC 6455 §4.1: a nonce of 16 random bytes
+        raise BadRequest(f"Sec-WebSocket-Key must be 16 bytes in base64, got {len(raw)}")
     headers = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),

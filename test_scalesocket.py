@@ -1302,6 +1302,44 @@ def _health_ok(port: int) -> bool:
         return False
 
 
+def test_readme_curl_quick_start_works():
+    """The README's curl line, run as written against a real server, shows the 101 and the child's frame."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    import shlex
+
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    command, expected = re.search(r"```sh\n(python3 scalesocket.py --joinmsg .*?)```\n\n```\n(.*?)```", readme, re.S).groups()
+    start, curl = command.split(" &\n", 1)
+    server = CLIServer(*shlex.split(start)[2:])
+    try:
+        proc = subprocess.Popen(["bash", "-c", curl.replace("localhost:9000", f"127.0.0.1:{server.port}")],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        out = b""
+        # the response head's line ends are CRLF on the wire; then the frame, with no line end
+        wanted = expected.rstrip("\n").encode().decode("unicode_escape").encode("latin-1").replace(b"\n", b"\r\n", 5)
+        try:
+            while len(out) < len(wanted):
+                data = proc.stdout.read1(65536)
+                assert data, out
+                out += data
+        finally:
+            proc.kill()
+            proc.wait()
+        assert out == wanted
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_original_readme_key_is_refused_with_its_reason(serve):
+    """ScaleSocket's README sends a 13-byte key; RFC 6455 asks for 16: 400 with a reason that says so."""
+    server = serve("cat")
+    with pytest.raises(HandshakeFailed) as exc:
+        server.connect("/joinroom", headers={"Sec-WebSocket-Key": "SGVsbG8sIHdvcmxkIQ=="})
+    assert exc.value.status == 400
+    assert exc.value.body == b"400 Bad Request: Sec-WebSocket-Key must be 16 bytes in base64, got 13\n"
+
+
 def test_rude_endings_leave_no_error_in_the_log(tmp_path):
     """A peer that resets at any point is network weather: no ERROR, no traceback, no write-after-loss warning."""
     (tmp_path / "big.bin").write_bytes(b"x" * (4 * 2**20))
