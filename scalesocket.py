@@ -90,6 +90,9 @@ FDS_PER_ROOM = 4  # a child's three pipes and the descriptor that watches it
 RESERVED_FDS = 32  # the listener, the event loop, logs, static files being read
 DEFAULT_PASSENV = ("PATH", "DYLD_LIBRARY_PATH")
 FRAME_MODES = ("json", "gwsocket")
+# The ioctl that tells how many bytes a socket's send queue holds (Linux:
+# SIOCOUTQ, the same number as TIOCOUTQ); elsewhere only our own buffer counts.
+_SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 RESERVED_ROOMS = frozenset(
     {"api", "metrics", "health", "static", "upload", "robots.txt", "favicon.ico"}
 )
@@ -2100,6 +2103,14 @@ class Client:
     receives every message of its room in order, or, once it has left more
     than ``max_backlog`` bytes unread, a close frame (1008) saying that it fell
     behind: never a silent gap. ``done`` is done when the connection is closed.
+
+    Unread means what the server holds for it plus what the kernel holds in
+    the socket's send queue (which Linux grows up to 4 MiB for a stalled
+    peer). The kernel is asked only when the bytes written since it was last
+    asked could have taken the client over the limit: once every
+    ``max_backlog`` bytes for a client that keeps up, and before every write
+    for one that is about to be closed. So the close comes before the client
+    holds more than the limit plus one write (one read of the child's output).
     """
 
     def __init__(self, conn_id: int, request: Request, connection: Connection,
@@ -2120,6 +2131,19 @@ class Client:
         self.last_seen = self._clock()  # when the peer last sent anything
         self.waiting = False  # on a child that is behind: not read, so silent through no fault
         self._abort_timer: asyncio.TimerHandle | None = None
+        sock = self.transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None and _SIOCOUTQ is not None else -1
+        self._unread_at_most = 0  # unread when last asked, plus what was written since
+
+    def unread(self) -> int:
+        """Return the bytes written to this client that it has not read: ours and the kernel's."""
+        queued = 0
+        if self._fd >= 0:
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(self._fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass  # the socket is gone: asyncio will tell
+        return queued + self.transport.get_write_buffer_size()
 
     def receive_data(self, data: bytes) -> None:
         """Process bytes from the peer: answer, and pass messages to the room."""
@@ -2146,9 +2170,13 @@ class Client:
         """Write encoded frames, unless the closing handshake has begun."""
         if self.protocol.state is not State.OPEN or self.transport.is_closing():
             return  # closing, or lost: asyncio has not told the protocol yet
-        if self.transport.get_write_buffer_size() > self.max_backlog:
-            self.close(CloseCode.POLICY_VIOLATION, f"client fell behind: over {self.max_backlog} bytes unread")
-            return
+        if self._unread_at_most > self.max_backlog:
+            unread = self.unread()  # the kernel has sent some since: ask
+            if unread > self.max_backlog:
+                self.close(CloseCode.POLICY_VIOLATION, f"client fell behind: over {self.max_backlog} bytes unread")
+                return
+            self._unread_at_most = unread
+        self._unread_at_most += len(data)
         self.transport.write(data)
 
     def flush(self) -> None:

@@ -2156,6 +2156,31 @@ def test_slow_client_is_closed_1008_without_gaps_and_room_goes_on(serve):
     fast.close()
 
 
+def test_backlog_counts_the_kernel_send_queue(serve):
+    """--maxbacklog 256 KiB: a client that stops reading is closed once its unread bytes (the kernel's
+    send queue plus the server's buffer) pass the limit, not at a multiple of it; the fast client gets all."""
+    limit = 256 * 1024
+    server = serve("--maxbacklog", str(limit), *py_child(FLOOD))
+    fast = server.connect("/r")
+    slow = ws_connect("127.0.0.1", server.port, "/r", rcvbuf=4096)
+    for _ in range(40):  # 2 MB in all, several times the limit; 50 KB at a time, so the fast one keeps up
+        fast.send_text("100")
+        for i in range(100):
+            assert fast.recv_text().startswith("%06d " % i)
+        assert fast.recv_text() == "done"
+    unread = 0  # what the slow client had not read when it was closed: all of it arrives before the close
+    while True:
+        opcode, data = slow.recv()
+        if opcode == Opcode.CLOSE:
+            break
+        unread += len(data) + 4  # payload and frame header
+    assert slow.protocol.close_code == 1008 and slow.protocol.close_reason == f"client fell behind: over {limit} bytes unread"
+    rcvbuf = slow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # what its own kernel held as well
+    # over the limit by at most one write: one read of the child's output, 64 KiB from this child
+    assert limit - rcvbuf <= unread <= limit + 65536 + rcvbuf, (unread, rcvbuf)
+    fast.close()
+
+
 def test_child_that_stops_reading_backpressures_its_clients_only(serve):
     """A child that never reads stdin: its clients wait (bounded memory); other rooms go on; a gone client still leaves."""
     server = serve("--ping", "0.3", *py_child("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)"))
