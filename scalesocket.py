@@ -2953,11 +2953,15 @@ async def serve(config: Config) -> None:
     server = Server(config)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(server.loop_error)
-    await server.start()
+    signalled = asyncio.Event()  # from before the "listening on" line: a script may signal at once
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.done.set)
+        loop.add_signal_handler(signum, signalled.set)
     try:
-        await server.done.wait()
+        await server.start()
+        waits = {loop.create_task(server.done.wait()), loop.create_task(signalled.wait())}
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
         log.info("shutting down")
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
