@@ -1333,16 +1333,17 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
     the child exits, whoever still holds its pipes.
     """
 
-    def __init__(self, room: Room, loop: asyncio.AbstractEventLoop) -> None:
-        self.room = room
+    def __init__(self, child: Child, loop: asyncio.AbstractEventLoop) -> None:
+        self.child = child
+        self.room = child.room
         self.exited = loop.create_future()
-        self.output_fd = None if room.config.tcp or room.config.pty else 1
+        self.output_fd = None if child.config.tcp or child.config.pty else 1
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == self.output_fd:
             self.room.output_received(data)
         else:
-            self.room.log_received(fd, data)
+            self.child.log_received(fd, data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == self.output_fd:
@@ -1389,41 +1390,32 @@ class _StreamProtocol(asyncio.Protocol):
         self.room.input_resumed()
 
 
-class Room:
-    """One room: its clients, its child process and the relay between them.
+class Child:
+    """A room's child process: its start, its input and output, its end.
 
-    The child's input and output are its stdin and stdout, a connection to
-    the port it listens on (--tcp), or a terminal (--pty). Output reaches the
-    room as it is read (``output_received``) and goes to the clients at once;
-    a client's message goes to the child's input as it is parsed.
+    The input and output are the child's stdin and stdout, a connection to
+    the port it listens on (--tcp), or a terminal (--pty). Output goes to the
+    room as it is read (``room.output_received``, then ``room.output_ended``);
+    ``write`` feeds the input, and the room hears when the child falls behind
+    on it (``room.input_paused``, ``room.input_resumed``). ``exited`` is done
+    when the process has exited; ``stop`` ends it and reaps it.
     """
 
-    def __init__(self, hub: Hub, name: str) -> None:
-        self.hub = hub
-        self.config = hub.config
-        self.name = name
-        self.clients: dict[int, Client] = {}
-        self.metadata: dict | None = None
-        self.cache = hub.cache_for(name)
+    def __init__(self, room: Room) -> None:
+        self.room = room
+        self.config = room.config
         self.pid: int | None = None
-        self._exited: asyncio.Future | None = None  # done when the child has exited
+        self.port: int | None = None  # --tcp: the port it listens on
+        self.exited: asyncio.Future | None = None
         self._transport: asyncio.SubprocessTransport | None = None
-        self.port: int | None = None
-        self.ended = False  # no client may join once the child is gone or going
-        self.starting: asyncio.Task | None = None
-        self.failure: str | None = None  # why the server stopped the child, if it did
-        self.stats = collections.Counter()  # connections, messages and bytes in and out
         self._input: asyncio.WriteTransport | None = None
         self._output: asyncio.ReadTransport | None = None
-        self._held: list[bytes] | None = []  # output read before the first client is in
-        self._output_done = False
         self._killed = False
         self._tasks: list[asyncio.Task] = []
-        self._behind: asyncio.TimerHandle | None = None  # while the child is behind on its input: pings the waiting
-        self._waiting: set[Client] = set()  # clients not read until it catches up
-        self._out = bytearray()  # output that does not make a whole message yet
 
-    # The child's life.
+    @property
+    def returncode(self) -> int | None:
+        return self._transport.get_returncode()
 
     async def start(self, env: dict[str, str]) -> None:
         """Start the child and connect to its input and output.
@@ -1437,7 +1429,7 @@ class Room:
         loop = asyncio.get_running_loop()
         stdin = stdout = stderr = subprocess.PIPE
         if config.tcp:
-            self.port = self.hub.ports.take()
+            self.port = self.room.hub.ports.take()
             env["PORT"] = str(self.port)
             stdin = subprocess.DEVNULL
         elif config.pty:
@@ -1470,19 +1462,19 @@ class Room:
                 os.close(stdin)  # the child has its own copy of the terminal's side
         self._transport = transport
         self.pid = transport.get_pid()
-        self._exited = protocol.exited
-        self.hub.on_child_start(self)
+        self.exited = protocol.exited
+        self.room.hub.on_child_start(self.room)
         if config.tcp:
             try:
                 self._input = self._output = await self._connect_tcp()
             except ProcessSpawnError:
-                await self._kill()
+                await self.stop()
                 raise
         elif config.pty:
             self._output, _ = await loop.connect_read_pipe(
-                lambda: _StreamProtocol(self), os.fdopen(master, "rb", buffering=0))
+                lambda: _StreamProtocol(self.room), os.fdopen(master, "rb", buffering=0))
             self._input, _ = await loop.connect_write_pipe(
-                lambda: _StreamProtocol(self, output=False), os.fdopen(os.dup(master), "wb", buffering=0))
+                lambda: _StreamProtocol(self.room, output=False), os.fdopen(os.dup(master), "wb", buffering=0))
         else:
             self._input, self._output = transport.get_pipe_transport(0), transport.get_pipe_transport(1)
         self._input.set_write_buffer_limits(high=CHILD_HIGH_WATER)
@@ -1495,7 +1487,7 @@ class Room:
         something outside the group still holds the output open after
         EXIT_DRAIN, the output is ended by force.
         """
-        await self._exited
+        await self.exited
         for signum in (signal.SIGTERM, signal.SIGKILL):
             # Signalled only while the output is open: once the group is empty
             # its number could in time belong to another process group.
@@ -1507,22 +1499,6 @@ class Room:
                 pass
             await asyncio.sleep(EXIT_DRAIN)
         output.close()  # what was read is delivered, then the end
-
-    def start_output(self) -> None:
-        """Start relaying the child's output, once its first client is in the room.
-
-        Not earlier: what the child writes at once (a greeting, a prompt) must
-        reach that client, not an empty room. Until then output is held, not
-        left unread: a terminal whose child has exited loses what is unread.
-        It is held only while the room's first client waits for the start.
-        """
-        held, self._held = self._held, None
-        if held is None:
-            return
-        for data in held:
-            self.output_received(data)
-        if self._output_done:
-            self._end_output()
 
     async def _connect_tcp(self) -> asyncio.Transport:
         """Connect to the child's port as soon as it listens (after --delay)."""
@@ -1542,34 +1518,35 @@ class Room:
                 raise
             else:
                 if sock.getsockname() != sock.getpeername():
-                    transport, _ = await loop.create_connection(lambda: _StreamProtocol(self), sock=sock)
+                    transport, _ = await loop.create_connection(lambda: _StreamProtocol(self.room), sock=sock)
                     return transport
                 # Nothing listened yet and the kernel gave us the same port as
                 # our own source port: a TCP self-connection. Not the child.
                 sock.close()
-            if self._exited.done():
+            if self.exited.done():
                 code = self._transport.get_returncode()
                 raise ProcessSpawnError(f"child exited with code {code} before listening on port {self.port}")
             if loop.time() > deadline:
                 raise ProcessSpawnError(f"child did not listen on 127.0.0.1:{self.port} within {TCP_CONNECT_TIMEOUT:g} s")
             await asyncio.sleep(0.05)
 
+    def write(self, data: bytes) -> bool:
+        """Queue bytes for the child's input; False once the input is gone."""
+        transport = self._input
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(data)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL to the child's process group at once (its output broke the framing)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     async def stop(self) -> None:
-        """Stop the child and reap it, after it has finished starting.
-
-        A --tcp child still waiting for its connection (--delay, retries) is
-        not waited for: that wait is cancelled.
-        """
-        self.ended = True
-        if self.starting is not None and not self.starting.done():
-            if self.config.tcp and self.pid is not None:
-                self.starting.cancel()
-            await asyncio.gather(self.starting, return_exceptions=True)
-        await self._kill()
-
-    async def _kill(self) -> None:
         """SIGTERM to the child's process group, SIGKILL after KILL_GRACE; reap it."""
-        self.ended = True
         if self.pid is not None and not self._killed:
             self._killed = True
             if self._input is not None and not self._input.is_closing():
@@ -1584,27 +1561,98 @@ class Room:
                 except (ProcessLookupError, PermissionError):
                     pass  # the whole group is gone already
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._exited), KILL_GRACE)
+                    await asyncio.wait_for(asyncio.shield(self.exited), KILL_GRACE)
                     break
                 except asyncio.TimeoutError:
                     if signum == first:
-                        log.warning("room %r: child %d ignored %s, killing it", self.name, self.pid, first.name,
-                                    extra={"room": self.name})
-            # A grandchild may still hold the pipes open; the room does not wait for it.
+                        log.warning("room %r: child %d ignored %s, killing it", self.room.name, self.pid, first.name,
+                                    extra={"room": self.room.name})
+            # A grandchild may still hold the pipes open; nobody waits for it.
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
             self._transport.close()
             if self._output is not None:
                 self._output.close()
-            log.info("room %r: child %d stopped", self.name, self.pid, extra={"room": self.name})
-            self.hub.totals["children_stopped"] += 1
+            self.room.hub.on_child_stop(self.room)
         self._release_port()
 
     def _release_port(self) -> None:
         if self.port is not None:
-            self.hub.ports.give(self.port)
+            self.room.hub.ports.give(self.port)
             self.port = None
+
+    def log_received(self, fd: int, data: bytes) -> None:
+        """Log what the child wrote on stderr (or on stdout with --tcp)."""
+        name = "stderr" if fd == 2 else "stdout"
+        for text in data.decode("utf-8", "replace").splitlines():
+            log.warning("room %r: child %s: %s", self.room.name, name, text, extra={"room": self.room.name})
+
+
+
+
+class Room:
+    """One room: its clients, its child and the relay between them.
+
+    Output reaches the room as the child writes it (``output_received``) and
+    goes to the clients at once; a client's message goes to the child's
+    input as it is parsed. While the child is behind on its input, the
+    clients that write to it are not read (backpressure).
+    """
+
+    def __init__(self, hub: Hub, name: str) -> None:
+        self.hub = hub
+        self.config = hub.config
+        self.name = name
+        self.clients: dict[int, Client] = {}
+        self.metadata: dict | None = None
+        self.cache = hub.cache_for(name)
+        self.child = Child(self)
+        self.ended = False  # no client may join once the child is gone or going
+        self.starting: asyncio.Task | None = None
+        self.failure: str | None = None  # why the server stopped the child, if it did
+        self.stats = collections.Counter()  # connections, messages and bytes in and out
+        self._held: list[bytes] | None = []  # output read before the first client is in
+        self._output_done = False
+        self._report: asyncio.Task | None = None  # tells the hub when the child has exited
+        self._behind: asyncio.TimerHandle | None = None  # while the child is behind on its input: pings the waiting
+        self._waiting: set[Client] = set()  # clients not read until it catches up
+        self._out = bytearray()  # output that does not make a whole message yet
+
+    async def start(self, env: dict[str, str]) -> None:
+        """Start the room's child (see ``Child.start``)."""
+        await self.child.start(env)
+
+    async def stop(self) -> None:
+        """Stop the child and reap it, after it has finished starting.
+
+        A --tcp child still waiting for its connection (--delay, retries) is
+        not waited for: that wait is cancelled.
+        """
+        self.ended = True
+        if self.starting is not None and not self.starting.done():
+            if self.config.tcp and self.child.pid is not None:
+                self.starting.cancel()
+            await asyncio.gather(self.starting, return_exceptions=True)
+        await self.child.stop()
+        if self._report is not None:
+            self._report.cancel()
+
+    def start_output(self) -> None:
+        """Start relaying the child's output, once its first client is in the room.
+
+        Not earlier: what the child writes at once (a greeting, a prompt) must
+        reach that client, not an empty room. Until then output is held, not
+        left unread: a terminal whose child has exited loses what is unread.
+        It is held only while the room's first client waits for the start.
+        """
+        held, self._held = self._held, None
+        if held is None:
+            return
+        for data in held:
+            self.output_received(data)
+        if self._output_done:
+            self._end_output()
 
     # Clients to child.
 
@@ -1625,10 +1673,8 @@ class Room:
         So memory stays bounded (backpressure) while the child catches up.
         Without a client (leave messages) nothing waits.
         """
-        transport = self._input
-        if transport is None or self.ended or transport.is_closing():
+        if self.ended or not self.child.write(data):
             return
-        transport.write(data)
         if self._behind is not None and client is not None and client not in self._waiting:
             self._waiting.add(client)
             client.pause()
@@ -1774,10 +1820,7 @@ class Room:
         except FramingError as exc:
             log.error("room %r: child output: %s; stopping the child", self.name, exc, extra={"room": self.name})
             self.failure = f"child output broke the framing: {exc}"
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.child.kill()
 
     def output_ended(self) -> None:
         """Note the end of the child's output (called once it is read)."""
@@ -1791,18 +1834,11 @@ class Room:
         if self._out and self.config.serverframe != "gwsocket" and self.failure is None:
             self._deliver_lines([bytes(self._out)])  # the last line had no delimiter
             self._out.clear()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._report_exit()))
+        self._report = asyncio.get_running_loop().create_task(self._report_exit())
 
     async def _report_exit(self) -> None:
-        await self._exited
-        self.hub.on_child_exit(self, self._transport.get_returncode())
-
-    def log_received(self, fd: int, data: bytes) -> None:
-        """Log what the child wrote on stderr (or on stdout with --tcp)."""
-        name = "stderr" if fd == 2 else "stdout"
-        for text in data.decode("utf-8", "replace").splitlines():
-            log.warning("room %r: child %s: %s", self.name, name, text, extra={"room": self.name})
-
+        await self.child.exited
+        self.hub.on_child_exit(self, self.child.returncode)
 
 class Hub:
     """All rooms of a server. Every change to a room's membership happens here."""
@@ -1897,7 +1933,11 @@ class Hub:
 
     def on_child_start(self, room: Room) -> None:
         self.totals["children_started"] += 1
-        log.info("room %r: started child %d: %s", room.name, room.pid, self.config.cmd, extra={"room": room.name})
+        log.info("room %r: started child %d: %s", room.name, room.child.pid, self.config.cmd, extra={"room": room.name})
+
+    def on_child_stop(self, room: Room) -> None:
+        self.totals["children_stopped"] += 1
+        log.info("room %r: child %d stopped", room.name, room.child.pid, extra={"room": room.name})
 
     def on_child_exit(self, room: Room, returncode: int) -> None:
         """Close every client of a room whose child exited on its own."""
