@@ -21,6 +21,7 @@ import base64
 import binascii
 import codecs
 import collections
+import contextlib
 import email.utils
 import enum
 import fcntl
@@ -30,6 +31,7 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import mmap
 import os
 import re
 import resource
@@ -1286,11 +1288,15 @@ def text_payload(data: bytes) -> bytes:
 
 
 class PortPool:
-    """The --tcpports range; a port goes back to the pool when its room ends."""
+    """The --tcpports range; a port goes back to the pool when its room ends.
 
-    def __init__(self, start: int, end: int) -> None:
-        self.range = f"{start}:{end}"
-        self._free = collections.deque(range(start, end + 1))
+    With workers, each takes every ``step``-th port from ``start + offset``:
+    no port can go to two children, and no worker asks another for one.
+    """
+
+    def __init__(self, start: int, end: int, offset: int = 0, step: int = 1) -> None:
+        self.range = f"{start}:{end}" if step == 1 else f"{start}:{end} (this worker's share)"
+        self._free = collections.deque(range(start + offset, end + 1, step))
 
     def take(self) -> int:
         """Return a free port.
@@ -1840,25 +1846,99 @@ class Room:
         await self.child.exited
         self.hub.on_child_exit(self, self.child.returncode)
 
-class Hub:
-    """All rooms of a server. Every change to a room's membership happens here."""
+class Census:
+    """The whole server's count of clients and rooms (--maxclients, --maxrooms) and its client ids.
 
-    def __init__(self, config: Config) -> None:
+    A room lives in one process, but these belong to the whole server. With
+    one process they are plain numbers. With --workers they live in memory
+    that the supervisor shares with every worker (``shared_memory``): the
+    last client id given, then each worker's clients and rooms. A worker
+    writes only its own slot, and a lock file makes "check the total, then
+    count myself in" one step across processes. The supervisor clears the
+    slot of a worker that died, and keeps the ids going across restarts.
+    """
+
+    def __init__(self, config: Config, memory: mmap.mmap | None = None, index: int = 0, workers: int = 1,
+                 lock_path: str | None = None) -> None:
+        self.max_clients = config.max_clients
+        self.max_rooms = config.max_rooms
+        self._cells = memoryview(memory if memory is not None else bytearray(self.size(workers))).cast("Q")
+        self._workers = workers
+        self._mine = 1 + 2 * index  # this worker's clients; its rooms are the next cell
+        self._lock = os.open(lock_path, os.O_RDWR) if lock_path else None
+
+    @staticmethod
+    def size(workers: int) -> int:
+        return 8 * (1 + 2 * workers)
+
+    @staticmethod
+    def shared_memory(workers: int) -> mmap.mmap:
+        """Memory for every worker's Census: made before they are started, so they inherit it."""
+        return mmap.mmap(-1, Census.size(workers))
+
+    @contextlib.contextmanager
+    def _locked(self):
+        if self._lock is None:
+            yield
+            return
+        fcntl.lockf(self._lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+
+    def _total(self, cell: int) -> int:
+        return sum(self._cells[1 + 2 * worker + cell] for worker in range(self._workers))
+
+    def admit_client(self) -> int:
+        """Count a new client in and return its id: 1, 2, 3... for the server's whole life.
+
+        Raises:
+            ServiceUnavailable: --maxclients clients are connected (503).
+        """
+        with self._locked():
+            if self._total(0) >= self.max_clients:
+                raise ServiceUnavailable(f"too many clients (at most {self.max_clients})", [("Retry-After", "5")])
+            self._cells[self._mine] += 1
+            self._cells[0] += 1
+            return self._cells[0]
+
+    def release_client(self) -> None:
+        self._cells[self._mine] -= 1
+
+    def admit_room(self) -> None:
+        """Count a new room in; it counts until its child is gone.
+
+        Raises:
+            RoomUnavailable: --maxrooms rooms are open (1013).
+        """
+        with self._locked():
+            if self.max_rooms is not None and self._total(1) >= self.max_rooms:
+                raise RoomUnavailable(f"too many rooms (at most {self.max_rooms})", CloseCode.TRY_AGAIN_LATER)
+            self._cells[self._mine + 1] += 1
+
+    def release_room(self) -> None:
+        self._cells[self._mine + 1] -= 1
+
+    def clear(self, index: int) -> None:
+        """Forget the clients and rooms of a worker that died (the supervisor's job)."""
+        self._cells[1 + 2 * index] = self._cells[2 + 2 * index] = 0
+
+
+class Hub:
+    """All rooms of a server (of this worker, with --workers). Every change to a room's membership happens here."""
+
+    def __init__(self, config: Config, census: Census | None = None, ports: PortPool | None = None) -> None:
         self.config = config
+        self.census = census or Census(config)
         self.rooms: dict[str, Room] = {}
-        self.ports = PortPool(*config.tcp_ports)
-        self.totals = collections.Counter()  # server-wide counters for /metrics
+        self.ports = ports or PortPool(*config.tcp_ports)
+        self.totals = collections.Counter()  # counters for /metrics, over the process's life
         self.on_oneshot_end = None  # callback: --oneshot's room has ended
         self._oneshot_room: str | None = None
-        self._last_id = 0
         self._caches: dict[str, collections.deque] = {}  # --cachepersist
         self._stopping: set[asyncio.Task] = set()
         self.closing = False  # shutdown() has begun: no room starts any more
-
-    def new_client_id(self) -> int:
-        """Return the next client id: 1, 2, 3... for the server's lifetime."""
-        self._last_id += 1
-        return self._last_id
 
     def cache_for(self, room_name: str) -> collections.deque | None:
         """Return the message cache of a room (kept across its lives with --cachepersist)."""
@@ -1888,8 +1968,7 @@ class Hub:
             if config.oneshot and self._oneshot_room is not None:
                 raise RoomUnavailable(f"--oneshot: this server has served room {self._oneshot_room!r}",
                                       CloseCode.TRY_AGAIN_LATER)
-            if config.max_rooms is not None and len(self.rooms) + len(self._stopping) >= config.max_rooms:
-                raise RoomUnavailable(f"too many rooms (at most {config.max_rooms})", CloseCode.TRY_AGAIN_LATER)
+            self.census.admit_room()
             self._oneshot_room = room_name
             room = Room(self, room_name)
             self.rooms[room_name] = room
@@ -1970,6 +2049,7 @@ class Hub:
 
     def _stopped(self, task: asyncio.Task) -> None:
         self._stopping.discard(task)
+        self.census.release_room()
         if not task.cancelled() and task.exception() is not None:
             log.error("stopping a room failed", exc_info=task.exception())
 
@@ -2635,16 +2715,16 @@ class Server:
             raise BadRequest(f"room {room_name!r} is not one of --rooms")
         check_origin(request, self.config.origins, self.config.same_origin)
         response, deflate = handshake_response(request, self.config.compression)
-        if len(self.clients) >= self.config.max_clients:
-            raise ServiceUnavailable(f"too many clients (at most {self.config.max_clients})", [("Retry-After", "5")])
+        conn_id = self.hub.census.admit_client()
         protocol = WebSocketProtocol(self.config.max_size, deflate=deflate)
-        client = Client(self.hub.new_client_id(), request, connection, protocol, self.config.max_backlog,
+        client = Client(conn_id, request, connection, protocol, self.config.max_backlog,
                         log_traffic=self.config.verbose >= 2)
         self.clients.add(client)
         try:
             await self._serve_client(client, room_name, request, response)
         finally:
             self.clients.discard(client)
+            self.hub.census.release_client()
             self.hub.leave(client)
             client.cleanup()
 
