@@ -35,12 +35,16 @@ import mmap
 import os
 import re
 import resource
+import select
+import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
+import time
 import termios
 import urllib.parse
 import zlib
@@ -1118,6 +1122,7 @@ class Config:
     compression: bool = True  # negotiate permessage-deflate when a client offers it
     pty: bool = False  # run the child on a pseudo-terminal
     devconsole: bool = False  # serve the built-in console page at /
+    workers: int = 1  # --workers: processes that serve connections, each owning a share of the rooms
 
 
 def child_env(config: Config, room: str, request: Request) -> dict[str, str]:
@@ -2053,6 +2058,12 @@ class Hub:
         if not task.cancelled() and task.exception() is not None:
             log.error("stopping a room failed", exc_info=task.exception())
 
+    def state(self) -> dict:
+        """Return this hub's rooms and counters as plain data (JSON), for /metrics and /api."""
+        rooms = [{"name": room.name, "connections": len(room.clients), "metadata": room.metadata,
+                  "stats": dict(room.stats)} for room in self.rooms.values()]
+        return {"rooms": rooms, "totals": dict(self.totals)}
+
     async def shutdown(self) -> None:
         """Close every client with 1001 and stop every child, all at once."""
         self.closing = True
@@ -2079,8 +2090,11 @@ class Connection(asyncio.Protocol):
     the transport's write buffer is full.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, preread: bytes = b"", *, handed: bool = False, internal: bool = False) -> None:
         self.server = server
+        self.preread = preread  # a connection handed over by another worker: the bytes it read
+        self.handed = handed  # handed over: this worker owns its room, whatever comes
+        self.internal = internal  # from another worker, on the private socket: may ask for /_worker/state
         self.transport: asyncio.Transport | None = None
         self.client: Client | None = None  # after the upgrade
         self.task: asyncio.Task | None = None  # serves the request, once its head is in
@@ -2099,6 +2113,12 @@ class Connection(asyncio.Protocol):
         self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
         self.server.connections.add(self)
         self.server.accept_failing = False
+        if self.preread:
+            # After the transport has added its reader (later in this turn: a
+            # pause before that is lost on Python 3.9) and before its first
+            # read, which can come only after the next poll: the bytes stay in order.
+            data, self.preread = self.preread, b""
+            loop.call_soon(self.data_received, data)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -2367,23 +2387,27 @@ def _label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_openmetrics(hub: Hub) -> str:
+def render_openmetrics(states: list[dict]) -> str:
     """Return the server's metrics in the OpenMetrics text format.
 
-    Per-room series exist while the room is open; the server-wide ones count
-    over the server's whole life.
+    ``states`` are ``Hub.state()`` of every process (one, or each worker's):
+    server-wide counters are their sum, and each open room, which lives in
+    exactly one of them, has its series once. Per-room series exist while
+    the room is open; the server-wide ones count over the processes' lives.
     """
     lines = []
-    rooms = sorted(hub.rooms.values(), key=lambda room: room.name)
+    rooms = sorted((room for state in states for room in state["rooms"]), key=lambda room: room["name"])
     for family, kind, text, key in _ROOM_METRICS:
         lines += [f"# TYPE {family} {kind}", f"# HELP {family} {text}"]
         suffix = "_total" if kind == "counter" else ""
         for room in rooms:
-            value = len(room.clients) if key is None else room.stats[key]
-            lines.append(f'{family}{suffix}{{room="{_label_value(room.name)}"}} {value}')
-    totals = hub.totals.copy()
+            value = room["connections"] if key is None else room["stats"].get(key, 0)
+            lines.append(f'{family}{suffix}{{room="{_label_value(room["name"])}"}} {value}')
+    totals = collections.Counter()
+    for state in states:
+        totals.update(state["totals"])
     for room in rooms:
-        totals.update(room.stats)
+        totals.update(room["stats"])
     for family, kind, text, key in _SERVER_METRICS:
         value = len(rooms) if key is None else totals[key]
         suffix = "_total" if kind == "counter" else ""
@@ -2392,35 +2416,481 @@ def render_openmetrics(hub: Hub) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _room_info(room: Room) -> dict:
-    return {"name": room.name, "connections": len(room.clients), "metadata": room.metadata}
+def _room_info(room: dict) -> dict:
+    return {"name": room["name"], "connections": room["connections"], "metadata": room["metadata"]}
 
 
-def api_response(hub: Hub, path: str):
+def api_response(states: list[dict], path: str):
     """Return the JSON value for an /api/ path (rooms, a room, its count or metadata).
+
+    ``states`` as for ``render_openmetrics``.
 
     Raises:
         NotFound: no such route, or no such room open.
     """
+    rooms = {room["name"]: room for state in states for room in state["rooms"]}
     if path == "/api/rooms":
-        return [_room_info(room) for room in sorted(hub.rooms.values(), key=lambda room: room.name)]
+        return [_room_info(rooms[name]) for name in sorted(rooms)]
     parts = path.split("/")
     if len(parts) in (3, 4) and parts[1] == "api" and parts[2]:
-        room = hub.rooms.get(urllib.parse.unquote(parts[2]))
+        room = rooms.get(urllib.parse.unquote(parts[2]))
         if room is None:
             raise NotFound("no such room")
         view = parts[3] if len(parts) == 4 else ""
         if view == "":
             return _room_info(room)
         if view == "connections":
-            return len(room.clients)
+            return room["connections"]
         if view == "metadata":
-            return room.metadata
+            return room["metadata"]
     raise NotFound("no such API route")
 
 
 ###############################################################################
-# 7. Server and CLI ###########################################################
+# 7. Workers (--workers) ######################################################
+###############################################################################
+
+# A room lives in one process: its child, its clients, its cache and its
+# metadata. Everything about using more cores follows from that rule. With
+# --workers N, N processes share the listening socket; a connection for a
+# room is served by the one worker that owns the room (``worker_of``), so a
+# room has one child server-wide and a broadcast never leaves its process.
+# What is the whole server's (limits, client ids) is in ``Census``; what is
+# merged for a reader (/metrics, /api/rooms) is asked of every worker.
+
+HANDOVER_MAX = 128 * 1024  # bytes read before a connection is handed over (the head, and what came with it)
+HANDOVER_TIMEOUT = 3.0  # seconds to get a connection to its worker (one that restarts takes about one)
+RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps dying
+STABLE_AFTER = 10.0  # seconds a worker must live for its restarts to start over from no wait
+
+
+def worker_of(room: str, workers: int) -> int:
+    """Return the index of the worker that owns a room: the same in every process.
+
+    Not Python's ``hash()``, which is salted per process.
+    """
+    digest = hashlib.blake2b(room.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % workers
+
+
+class Worker:
+    """This process's place among the workers: which rooms it owns, and the way to the others.
+
+    Any worker may accept a connection. Once its request head is in, the room
+    is known, and a worker that does not own it hands the socket itself, with
+    the bytes already read, to the owner (SCM_RIGHTS over a Unix seqpacket
+    socket); the owner serves it as if it had accepted it. Each worker also
+    answers the others' questions about its rooms (``/_worker/state`` on a
+    Unix stream socket), which /metrics and /api/rooms merge.
+    """
+
+    def __init__(self, index: int, workers: int, directory: str, listener: socket.socket, census: Census) -> None:
+        self.index = index
+        self.workers = workers
+        self.directory = directory  # private (0700): the sockets of every worker
+        self.listener = listener  # the listening socket, shared by all workers
+        self.census = census
+        self._peers: dict[int, socket.socket] = {}  # to hand connections to, connected on first use
+        self._inbound: set[socket.socket] = set()
+        self._handover: socket.socket | None = None
+        self._state_server: asyncio.AbstractServer | None = None
+        self._server: Server | None = None
+
+    def _path(self, index: int, kind: str) -> str:
+        return os.path.join(self.directory, f"w{index}.{kind}")
+
+    def owns(self, room: str) -> bool:
+        return worker_of(room, self.workers) == self.index
+
+    async def start(self, server: Server) -> None:
+        """Listen for connections handed over and for the others' questions."""
+        loop = asyncio.get_running_loop()
+        self._server = server
+        path = self._path(self.index, "fd")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by this worker's previous life
+        self._handover = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._handover.bind(path)
+        self._handover.listen(64)
+        self._handover.setblocking(False)
+        loop.add_reader(self._handover.fileno(), self._accept)
+        path = self._path(self.index, "http")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._state_server = await loop.create_unix_server(lambda: Connection(server, internal=True), path)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._handover is not None:
+            loop.remove_reader(self._handover.fileno())
+            self._handover.close()
+        for sock in list(self._inbound) + list(self._peers.values()):
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        self._inbound.clear()
+        self._peers.clear()
+        if self._state_server is not None:
+            self._state_server.close()
+
+    # Handing a connection over.
+
+    async def hand_over(self, index: int, connection: Connection, data: bytes) -> None:
+        """Pass a connection, and the bytes read from it, to worker ``index``.
+
+        When it returns, the connection is the other worker's: this one has
+        let go of it without touching the socket.
+
+        Raises:
+            BadRequest: more than HANDOVER_MAX bytes arrived before the answer.
+            ServiceUnavailable: the worker did not take it within HANDOVER_TIMEOUT
+                (it is restarting, or stuck).
+        """
+        if len(data) > HANDOVER_MAX:
+            raise BadRequest(f"over {HANDOVER_MAX} bytes sent before the handshake's answer")
+        loop = asyncio.get_running_loop()
+        fd = connection.transport.get_extra_info("socket").fileno()
+        deadline = loop.time() + HANDOVER_TIMEOUT
+        while True:
+            try:
+                socket.send_fds(self._peer(index), [data], [fd])
+                break
+            except BlockingIOError:
+                pass  # its queue is full: it is busy
+            except OSError as exc:  # gone, or restarting: connect again
+                log.debug("! worker %d: cannot hand over: %s", index, exc)
+                peer = self._peers.pop(index, None)
+                if peer is not None:
+                    peer.close()
+            if loop.time() > deadline or self._server.closing:
+                raise ServiceUnavailable(f"worker {index} is not answering", [("Retry-After", "1")])
+            await asyncio.sleep(0.01)
+        connection.transport.abort()  # our descriptor only: the socket lives on in the message
+
+    def _peer(self, index: int) -> socket.socket:
+        peer = self._peers.get(index)
+        if peer is None:
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            peer.setblocking(False)
+            try:
+                peer.connect(self._path(index, "fd"))
+            except OSError:
+                peer.close()
+                raise
+            self._peers[index] = peer
+        return peer
+
+    def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = self._handover.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("cannot accept a worker's connection: %s", exc)
+                return
+            sock.setblocking(False)
+            self._inbound.add(sock)
+            loop.add_reader(sock.fileno(), self._receive, sock)
+
+    def _receive(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, HANDOVER_MAX, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data and not fds:  # that worker is gone
+                loop.remove_reader(sock.fileno())
+                self._inbound.discard(sock)
+                sock.close()
+                return
+            for fd in fds:
+                client = socket.socket(fileno=fd)
+                if self._server.closing:
+                    client.close()  # the client sees its connection end, as if this worker had accepted it
+                    continue
+                client.setblocking(False)
+                loop.create_task(self._adopt(client, data))
+
+    async def _adopt(self, sock: socket.socket, data: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: Connection(self._server, data, handed=True), sock)
+        except OSError as exc:
+            log.debug("! a handed-over connection was lost: %s", exc)
+            sock.close()
+
+    # The others' rooms.
+
+    async def peer_states(self) -> list[dict]:
+        """Return ``Hub.state()`` of every other worker that answers."""
+        states = await asyncio.gather(*(self._state_of(index) for index in range(self.workers) if index != self.index))
+        return [state for state in states if state is not None]
+
+    async def _state_of(self, index: int) -> dict | None:
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self._path(index, "http")),
+                                                    HANDOVER_TIMEOUT)
+            writer.write(b"GET /_worker/state HTTP/1.1\r\nHost: worker\r\n\r\n")
+            response = await asyncio.wait_for(reader.read(), HANDOVER_TIMEOUT)
+            head, _, body = response.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200 "):
+                raise ValueError(head[:40])
+            return json.loads(body)
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            log.debug("! worker %d did not say what its rooms are: %s", index, exc)  # restarting: it has none
+            return None
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+class Supervisor:
+    """Start the workers on one listening socket, restart those that die, stop them all on a signal.
+
+    It is the process the command line started: it binds, prints the
+    ``listening on`` line, and then only watches. A worker that dies is
+    restarted at once, then after a growing wait while it keeps dying soon
+    after each start; the children it leaves (they are in sessions of their
+    own) are stopped and reaped here, since the supervisor is their
+    subreaper. SIGTERM or SIGINT is passed to every worker, which closes its
+    clients with 1001 and stops its children; then the supervisor exits.
+    """
+
+    def __init__(self, config: Config, run_worker) -> None:
+        self.config = config
+        self.run_worker = run_worker  # run_worker(worker) -> exit status, in the worker's process
+        self.pids: dict[int, int] = {}  # pid -> worker index
+        self._started: dict[int, float] = {}  # index -> when it last started
+        self._failures = collections.Counter()  # index -> deaths in a row soon after starting
+        self._due: dict[int, float] = {}  # index -> when to start it again
+        self._orphans: dict[int, float] = {}  # pid of a dead worker's child -> when to SIGKILL it
+        self._signalled = False
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; return the exit status."""
+        config = self.config
+        try:
+            self.listener = _listen(config.host, config.port)
+        except OSError as exc:
+            print(f"scalesocket.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+        host, port = self.listener.getsockname()[:2]
+        log.info("listening on %s:%d (%d workers)", f"[{host}]" if ":" in host else host, port, config.workers)
+        self.directory = tempfile.mkdtemp(prefix="scalesocket-")
+        self.lock_path = os.path.join(self.directory, "lock")
+        open(self.lock_path, "w").close()
+        self.memory = Census.shared_memory(config.workers)
+        self.census = Census(config, self.memory, workers=config.workers)
+        _become_subreaper()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self._wake = (wake_r, wake_w)
+        signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+        try:
+            for index in range(config.workers):
+                self._start(index)
+            self._watch()
+        finally:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            self._stop_orphans(signal.SIGKILL)
+            self._reap()
+            self.listener.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return 0
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if signum != signal.SIGCHLD:
+            self._signalled = True  # the wakeup fd ends the wait in _watch
+
+    def _start(self, index: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        supervisor = os.getpid()
+        pid = os.fork()
+        if pid:
+            self.pids[pid] = index
+            self._started[index] = time.monotonic()
+            return
+        status = 1
+        try:  # the worker: this branch never returns
+            signal.set_wakeup_fd(-1)
+            for fd in self._wake:
+                os.close(fd)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            _set_parent_death_signal(signal.SIGTERM)
+            if os.getppid() != supervisor:
+                os._exit(0)  # the supervisor died while we were starting
+            census = Census(self.config, self.memory, index, self.config.workers, self.lock_path)
+            status = self.run_worker(Worker(index, self.config.workers, self.directory, self.listener, census))
+        except BaseException:
+            log.error("worker %d failed", index, exc_info=True)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
+    def _watch(self) -> None:
+        stop_by = None
+        while self.pids or (not self._signalled and self._due):
+            if self._signalled and stop_by is None:
+                log.info("shutting down")
+                self._due.clear()
+                for pid in self.pids:
+                    _signal(pid, signal.SIGTERM)
+                stop_by = time.monotonic() + 2 * KILL_GRACE + 1  # each worker needs at most about KILL_GRACE
+            now = time.monotonic()
+            deadlines = list(self._due.values()) + list(self._orphans.values()) + ([stop_by] if stop_by else [])
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            try:
+                select.select([self._wake[0]], [], [], timeout)
+            except InterruptedError:
+                pass
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake[0], 512):
+                    pass
+            self._reap()
+            now = time.monotonic()
+            for index, due in list(self._due.items()):
+                if due <= now and not self._signalled:
+                    del self._due[index]
+                    self._start(index)
+            for pid, due in list(self._orphans.items()):
+                if due <= now:
+                    _kill_group(pid, signal.SIGKILL)
+                    self._orphans[pid] = float("inf")  # reaped when it goes
+            if stop_by is not None and now >= stop_by:
+                for pid in self.pids:
+                    _signal(pid, signal.SIGKILL)  # a worker that did not stop in time
+                stop_by = now + 1
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._orphans.pop(pid, None)
+            index = self.pids.pop(pid, None)
+            if index is not None:
+                self._worker_ended(index, pid, status)
+
+    def _worker_ended(self, index: int, pid: int, status: int) -> None:
+        self.census.clear(index)  # its clients lost their connections; its rooms are gone
+        self._stop_orphans(signal.SIGTERM)
+        if self._signalled:
+            return
+        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+        how = f"exited with {code}" if code >= 0 else f"was killed by signal {-code}"
+        now = time.monotonic()
+        if now - self._started[index] < STABLE_AFTER:
+            self._failures[index] += 1
+        else:
+            self._failures[index] = 1
+        delay = 0.0 if self._failures[index] < 2 else min(0.5 * 2 ** (self._failures[index] - 2), RESTART_BACKOFF_MAX)
+        if delay:
+            log.warning("worker %d (pid %d) %s, %d times in a row within %g s of starting: next start in %g s",
+                        index, pid, how, self._failures[index], STABLE_AFTER, delay)
+        else:
+            log.warning("worker %d (pid %d) %s: starting it again", index, pid, how)
+        self._due[index] = now + delay
+
+    def _stop_orphans(self, signum: int) -> None:
+        """Signal the children that dead workers left; they are ours to reap (we are their subreaper)."""
+        for pid in _children_of(os.getpid()):
+            if pid in self.pids:
+                continue
+            _kill_group(pid, signum)
+            if signum == signal.SIGTERM and pid not in self._orphans:
+                self._orphans[pid] = time.monotonic() + KILL_GRACE
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen as asyncio's create_server would (SO_REUSEADDR; IPv6 only on an IPv6 address)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _prctl(option: int, value: int) -> None:
+    """Linux prctl(2) through libc, where there is one; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _become_subreaper() -> None:
+    # PR_SET_CHILD_SUBREAPER: the children of a worker that dies become ours
+    # (not init's), so the supervisor can stop and reap them.
+    _prctl(36, 1)
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    # PR_SET_PDEATHSIG: a worker whose supervisor is killed is told to stop.
+    _prctl(1, signum)
+
+
+def _children_of(parent: int) -> list[int]:
+    """Return the pids whose parent is ``parent`` (Linux /proc; elsewhere none)."""
+    pids = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                pids.append(int(name))
+    return pids
+
+
+def _kill_group(pid: int, signum: int) -> None:
+    """Signal a child's process group (it leads one), or the process alone if it does not."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        _signal(pid, signum)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+
+
+###############################################################################
+# 8. Server and CLI ###########################################################
 ###############################################################################
 
 
@@ -2519,9 +2989,13 @@ class Server:
     client with 1001 and stops every child.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: Worker | None = None) -> None:
         self.config = config
-        self.hub = Hub(config)
+        self.worker = worker  # with --workers: this process's place among them
+        if worker is None:
+            self.hub = Hub(config)
+        else:
+            self.hub = Hub(config, worker.census, PortPool(*config.tcp_ports, worker.index, worker.workers))
         self.port: int | None = None
         self.done: asyncio.Event | None = None  # set when --oneshot's room ends
         self.clients: set[Client] = set()  # every open WebSocket client, in a room or not
@@ -2537,15 +3011,21 @@ class Server:
         self.done = asyncio.Event()
         self.hub.on_oneshot_end = self.done.set
         config = self.config
-        tls = tls_context(config) if config.tls_cert else None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: Connection(self), config.host, config.port,
-            ssl=tls, ssl_handshake_timeout=config.handshake_timeout if tls else None,
-        )
-        sockname = self._server.sockets[0].getsockname()
-        self.port = sockname[1]
-        host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-        log.info("listening on %s:%d%s", host, self.port, " (TLS)" if tls else "")
+        loop = asyncio.get_running_loop()
+        if self.worker is not None:  # the supervisor has bound, and said where
+            await self.worker.start(self)
+            self._server = await loop.create_server(lambda: Connection(self), sock=self.worker.listener)
+            self.port = self.worker.listener.getsockname()[1]
+        else:
+            tls = tls_context(config) if config.tls_cert else None
+            self._server = await loop.create_server(
+                lambda: Connection(self), config.host, config.port,
+                ssl=tls, ssl_handshake_timeout=config.handshake_timeout if tls else None,
+            )
+            sockname = self._server.sockets[0].getsockname()
+            self.port = sockname[1]
+            host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
+            log.info("listening on %s:%d%s", host, self.port, " (TLS)" if tls else "")
         if config.ping > 0:
             self._keepalive = asyncio.get_running_loop().create_task(self._ping_clients())
 
@@ -2594,6 +3074,8 @@ class Server:
         self.closing = True
         if self._server is not None:
             self._server.close()  # stop accepting
+        if self.worker is not None:
+            self.worker.close()  # and taking connections from the other workers
         if self._keepalive is not None:
             self._keepalive.cancel()
         for connection in list(self.connections):
@@ -2643,6 +3125,10 @@ class Server:
             if len(head) > self.config.max_head:
                 raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
             request = parse_request(head)
+            owner = self._owner(request) if self.worker is not None and not connection.handed else None
+            if owner is not None:
+                await self.worker.hand_over(owner, connection, head + bytes(connection._head))
+                return
             peer = transport.get_extra_info("peername")
             peer = peer[0] if isinstance(peer, tuple) else ""
             request.remote_addr = client_address(peer, request.headers, self.config.trust_proxy)
@@ -2656,6 +3142,31 @@ class Server:
             transport.write(error_response(exc, head_only=request is not None and request.method == "HEAD"))
         await connection.linger()
 
+    def _owner(self, request: Request) -> int | None:
+        """Return the worker that must serve a request for a room it owns, unless it is this one.
+
+        Upgrades and /api/ROOM/... go to the room's worker; everything else
+        (static files, /health, /metrics, /api/rooms) is served here.
+
+        Raises:
+            HTTPError: the upgrade path names no valid room (answered here, as anywhere).
+        """
+        if is_websocket_upgrade(request):
+            room = room_from_path(request.path)
+        elif self.config.api and request.path.startswith("/api/") and request.path != "/api/rooms":
+            room = urllib.parse.unquote(request.path.split("/")[2])
+        else:
+            return None
+        owner = worker_of(room, self.worker.workers)
+        return None if owner == self.worker.index else owner
+
+    async def _states(self) -> list[dict]:
+        """Return the state of every room of the server: this process's, and every other worker's."""
+        states = [self.hub.state()]
+        if self.worker is not None:
+            states += await self.worker.peer_states()
+        return states
+
     async def _serve_http(self, connection: Connection, request: Request) -> None:
         connection.discard_input()
         if request.method not in ("GET", "HEAD"):
@@ -2665,12 +3176,15 @@ class Server:
         body = None
         if path == "/health":
             body, ctype = b'{"status":"ok"}', "application/json"
+        elif path == "/_worker/state" and connection.internal:
+            body, ctype = json.dumps(self.hub.state()).encode("utf-8"), "application/json"
         elif path == "/metrics" and self.config.metrics:
-            body, ctype = render_openmetrics(self.hub).encode("utf-8"), OPENMETRICS_TYPE
+            body, ctype = render_openmetrics(await self._states()).encode("utf-8"), OPENMETRICS_TYPE
         elif path == "/" and self.config.devconsole:
             body, ctype = DEVCONSOLE_PAGE.encode("utf-8"), "text/html; charset=utf-8"
         elif (path == "/api" or path.startswith("/api/")) and self.config.api:
-            value = api_response(self.hub, path)
+            states = await self._states() if path == "/api/rooms" else [self.hub.state()]  # a room: its worker
+            value = api_response(states, path)
             body, ctype = json.dumps(value, ensure_ascii=False).encode("utf-8"), "application/json"
         if body is not None:
             headers = [("Content-Type", ctype), ("Cache-Control", "no-store")]
@@ -2839,6 +3353,14 @@ def _networks(value: str) -> tuple:
     return tuple(networks)
 
 
+def _workers(value: str) -> int:
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or not 1 <= int(value) <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a number of processes from 1 to 1024, or auto, got {value!r}")
+    return int(value)
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """--help laid out the same on every terminal and Python version (a golden test pins it)."""
 
@@ -2940,6 +3462,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the child on a pseudo-terminal (echo off), so it flushes every line")
     add("--devconsole", action="store_true",
         help="serve a built-in page at / to try the server from a browser")
+    add("--workers", type=_workers, default=1, metavar="N",
+        help="serve with N processes (auto: one per CPU), each room pinned to one of them "
+        "(default: 1)")
     add("--log", choices=("text", "json"), default="text", help="log format, to stderr (default: text)")
     add("-v", "--verbose", action="count", default=0, help="more log detail; -vv logs every message")
     add("-V", "--version", action="version", version=f"scalesocket.py {__version__}")
@@ -2986,6 +3511,11 @@ def parse_args(argv: list[str]) -> Config:
         conflict("--tcp", "--pty")
     if ns.devconsole and ns.staticdir:
         conflict("--staticdir", "--devconsole")
+    if ns.workers > 1 and ns.oneshot:
+        conflict("--oneshot", "--workers")
+    if ns.workers > 1 and ns.tlscert:
+        parser.error("argument --workers: a TLS connection cannot be handed to another worker; "
+                     "terminate TLS at a proxy in front (see deploy/) or serve it with --workers 1")
     if bool(ns.tlscert) != bool(ns.tlskey):
         parser.error("argument --tlscert: --tlscert and --tlskey go together")
     frame = "json" if ns.json else ns.frame
@@ -3031,6 +3561,7 @@ def parse_args(argv: list[str]) -> Config:
         compression=ns.compression == "on",
         pty=ns.pty,
         devconsole=ns.devconsole,
+        workers=ns.workers,
     )
     if config.tls_cert:
         try:
@@ -3040,8 +3571,20 @@ def parse_args(argv: list[str]) -> Config:
     return config
 
 
+class _WorkerField(logging.Filter):
+    """Stamp each log record with the worker that wrote it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and room and client when known."""
+    """One JSON object per line: time, level, message, and worker, room and client when known."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -3049,7 +3592,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "message": record.getMessage(),
         }
-        for key in ("room", "client"):
+        for key in ("worker", "room", "client"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
@@ -3068,9 +3611,9 @@ def setup_logging(config: Config) -> None:
     log.setLevel(logging.DEBUG if config.verbose else logging.INFO)
 
 
-async def serve(config: Config) -> None:
-    """Run a server until SIGINT or SIGTERM (or --oneshot's room ends), then close it."""
-    server = Server(config)
+async def serve(config: Config, worker: Worker | None = None) -> None:
+    """Run a server (or one worker) until SIGINT or SIGTERM (or --oneshot's room ends), then close it."""
+    server = Server(config, worker)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(server.loop_error)
     signalled = asyncio.Event()  # from before the "listening on" line: a script may signal at once
@@ -3108,13 +3651,23 @@ def _watch_children_with_pidfds() -> asyncio.AbstractChildWatcher | None:
     return watcher
 
 
-async def _serve_command_line(config: Config) -> None:
+async def _serve_command_line(config: Config, worker: Worker | None = None) -> None:
     watcher = _watch_children_with_pidfds()
     try:
-        await serve(config)
+        await serve(config, worker)
     finally:
         if watcher is not None:
             watcher.close()
+
+
+def _run_worker(config: Config, worker: Worker) -> int:
+    """Serve as one of --workers, in the worker's own process; return its exit status."""
+    for handler in log.handlers:
+        handler.addFilter(_WorkerField(worker.index))
+        if not isinstance(handler.formatter, JSONFormatter):
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker %(worker)d] %(message)s"))
+    asyncio.run(_serve_command_line(config, worker))
+    return 0
 
 
 def open_files_needed(config: Config) -> int:
@@ -3149,6 +3702,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(config)
     raise_open_file_limit(config)
+    if config.workers > 1:
+        return Supervisor(config, lambda worker: _run_worker(config, worker)).run()
     try:
         asyncio.run(_serve_command_line(config))
     except OSError as exc:

@@ -1952,7 +1952,7 @@ def test_metrics_text_golden():
             room.stats.update(stats)
             hub.rooms[name] = room
         hub.totals.update({"connections": 7, "children_started": 4, "children_stopped": 2})
-        return ss.render_openmetrics(hub)
+        return ss.render_openmetrics([hub.state()])
 
     assert asyncio.run(render()) == METRICS_GOLDEN
 
@@ -2064,6 +2064,8 @@ options:
                               flushes every line
   --devconsole                serve a built-in page at / to try the server from a
                               browser
+  --workers N                 serve with N processes (auto: one per CPU), each room
+                              pinned to one of them (default: 1)
   --log {text,json}           log format, to stderr (default: text)
   -v, --verbose               more log detail; -vv logs every message
   -V, --version               show program's version number and exit
@@ -2861,6 +2863,267 @@ def test_embedding_start_and_close_in_a_running_loop():
         return response
 
     assert b'{"status":"ok"}' in asyncio.run(scenario())
+
+
+###############################################################################
+# Every core: --workers #######################################################
+###############################################################################
+
+PID_ECHO = "import os\nprint(os.getpid(), flush=True)\n" + ECHO  # says its pid, then echoes
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    found = []
+    for child in ss._children_of(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _cats(server: CLIServer) -> list[int]:
+    return [pid for pid in _descendants(server.proc.pid) if _command(pid).startswith("cat")]
+
+
+def _join_room(port: int, room: str, clients: int) -> tuple[list[WSClient], list[int]]:
+    """Connect ``clients`` to a --json room one by one, each after its own Join came back; return them and their ids."""
+    joined, ids = [], []
+    for _ in range(clients):
+        client = ws_connect("127.0.0.1", port, f"/{room}")
+        while True:  # Joins echoed by cat: the last one is this client's own
+            message = client.recv_json()
+            if message == {"t": "Join", "_from": message["_from"]} and message["_from"] not in ids:
+                ids.append(message["_from"])
+                break
+        for earlier in joined:  # the earlier ones saw it too
+            assert earlier.recv_json() == {"t": "Join", "_from": ids[-1]}
+        joined.append(client)
+    return joined, ids
+
+
+def _chat(port: int, rooms: int, per_room: int) -> tuple[list[WSClient], list[int]]:
+    """Rooms of several clients each: every client of a room sees every other's message."""
+    everyone, all_ids = [], []
+    for r in range(rooms):
+        clients, ids = _join_room(port, f"room{r}", per_room)
+        for client, conn_id in zip(clients, ids):
+            client.send_text(json.dumps({"text": f"from {conn_id}"}))
+            for other in clients:
+                assert other.recv_json() == {"text": f"from {conn_id}", "_from": conn_id}
+        everyone += clients
+        all_ids += ids
+    return everyone, all_ids
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_serve_every_room_as_one_server(workers):
+    """N workers: every client of a room sees the others; one child per room server-wide; ids unique;
+    /metrics and /api/rooms exactly what one worker shows for the same clients."""
+    answers = {}
+    for n in (1, workers):
+        server = CLIServer("--workers", str(n), "--json", "--metrics", "--api", "cat")
+        try:
+            clients, ids = _chat(server.port, rooms=12, per_room=3)
+            assert sorted(ids) == list(range(1, 37))  # unique server-wide, whichever worker served them
+            assert len(_cats(server)) == 12  # one child per room, in the whole process tree
+            answers[n] = (http_request(server.port, "/metrics")[2], http_request(server.port, "/api/rooms")[2])
+            assert json.loads(http_request(server.port, "/api/room5/connections")[2]) == 3  # any worker's room
+            for client in clients:
+                client.close()
+        finally:
+            assert server.stop() == 0
+        if n > 1:
+            workers_seen = {int(m) for m in re.findall(r"\[worker (\d+)\] room 'room\d+': started", "".join(server.lines))}
+            assert workers_seen == set(range(n))  # 12 rooms spread over every worker
+            assert sum("listening on" in line for line in server.lines) == 1
+    assert answers[workers] == answers[1]
+    assert b"scalesocket_rooms_open 12\n" in answers[1][0] and b"scalesocket_children_started_total 12\n" in answers[1][0]
+
+
+def test_workers_limits_hold_for_the_whole_server():
+    """--maxclients 10 --workers 3 admits exactly 10 clients; --maxrooms counts every worker's rooms."""
+    server = CLIServer("--workers", "3", "--maxclients", "10", *py_child(ECHO))
+    try:
+        admitted, refused = [], 0
+        for i in range(15):
+            try:
+                admitted.append(ws_connect("127.0.0.1", server.port, f"/room{i % 8}"))
+            except HandshakeFailed as exc:
+                assert exc.status == 503 and b"too many clients (at most 10)" in exc.body
+                refused += 1
+        assert (len(admitted), refused) == (10, 5)
+        for client in admitted:
+            client.send_text("hi")
+            assert client.recv_text() == "hi"
+            client.close()
+    finally:
+        assert server.stop() == 0
+    server = CLIServer("--workers", "3", "--maxrooms", "4", *py_child(ECHO))
+    try:
+        clients = [ws_connect("127.0.0.1", server.port, f"/room{i}") for i in range(7)]
+        answers = []
+        for client in clients:
+            client.send_text("hi")
+            opcode, data = client.recv()
+            answers.append(data if opcode != Opcode.CLOSE else (client.protocol.close_code, client.protocol.close_reason))
+        assert answers == [b"hi"] * 4 + [(1013, "too many rooms (at most 4)")] * 3
+        for client in clients:
+            client.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_worker_killed_is_replaced_and_its_rooms_come_back():
+    """SIGKILL to a worker: restarted, its children stopped and reaped, its rooms work for a new
+    client, the other workers' clients never notice."""
+    server = CLIServer("--workers", "3", *py_child(PID_ECHO))
+    try:
+        rooms = {}
+        for i in range(9):
+            client = ws_connect("127.0.0.1", server.port, f"/room{i}")
+            rooms[f"room{i}"] = (client, int(client.recv_text()))
+        worker_pids = ss._children_of(server.proc.pid)
+        parent = {pid: ss._children_of(pid) for pid in worker_pids}
+        victim = next(pid for pid in worker_pids if parent[pid])  # a worker with rooms
+        lost = {room for room, (_, child) in rooms.items() if child in parent[victim]}
+        os.kill(victim, signal.SIGKILL)
+        for room, (client, child) in rooms.items():
+            if room in lost:
+                assert client.recv_close()[0] == 1006  # the TCP connection ended: no close frame was possible
+                wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what=f"child {child} reaped")
+        wait_until(lambda: len(ss._children_of(server.proc.pid)) == 3, what="a new worker")
+        assert victim not in ss._children_of(server.proc.pid)
+        for room, (client, child) in rooms.items():
+            if room in lost:
+                fresh = ws_connect("127.0.0.1", server.port, f"/{room}")
+                assert int(fresh.recv_text()) != child  # a fresh child
+                fresh.send_text("back")
+                assert fresh.recv_text() == "back"
+                fresh.close()
+            else:
+                client.send_text("unharmed")
+                assert client.recv_text() == "unharmed"
+                assert not process_gone(child)
+    finally:
+        assert server.stop() == 0
+    assert any(re.search(rf"worker \d \(pid {victim}\) was killed by signal 9: starting it again", line)
+               for line in server.lines), server.lines
+
+
+def test_worker_that_keeps_dying_is_restarted_with_a_backoff():
+    """A worker killed again and again soon after each start is restarted after a growing wait, and the log says so."""
+    server = CLIServer("--workers", "2", "cat")
+    try:
+        for _ in range(3):
+            wait_until(lambda: len(ss._children_of(server.proc.pid)) == 2, what="two workers")
+            newest = max(ss._children_of(server.proc.pid))  # the same worker each time: the one last started
+            os.kill(newest, signal.SIGKILL)
+            wait_until(lambda: newest not in ss._children_of(server.proc.pid), what="the worker gone")
+        wait_until(lambda: any("3 times in a row within 10 s of starting: next start in 1 s" in line
+                               for line in server.lines), what="the backoff line")
+        wait_until(lambda: len(ss._children_of(server.proc.pid)) == 2, what="the worker back after its wait")
+        assert http_request(server.port, "/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_workers_sigterm_closes_every_client_1001_and_exits_0():
+    """SIGTERM to a server of 2 workers: 1001 to every client of every worker, every child reaped, exit 0."""
+    server = CLIServer("--workers", "2", *py_child(PID_ECHO))
+    try:
+        clients, children = [], []
+        for i in range(8):
+            client = ws_connect("127.0.0.1", server.port, f"/room{i}")
+            children.append(int(client.recv_text()))
+            clients.append(client)
+        parents = {int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1]) for pid in children}
+        assert len(parents) == 2  # rooms on both workers
+        server.proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            assert client.recv_close() == (1001, "server shutting down")
+        assert server.proc.wait(IO_TIMEOUT) == 0
+        for pid in children:
+            assert process_gone(pid)
+    finally:
+        server.stop()
+
+
+def test_workers_log_their_index_and_split_the_tcp_ports():
+    """--log json lines carry the worker; --tcpports is split between workers: no port goes to two children."""
+    port_child = "import os, socket, sys\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n" \
+        "s.bind(('127.0.0.1', int(os.environ['PORT'])))\ns.listen()\nc, _ = s.accept()\n" \
+        "c.sendall(os.environ['PORT'].encode() + b'\\n')\nwhile c.recv(1024): pass\n"
+    start = random.randint(20000, 32000)  # below the ephemeral ports of other connections
+    server = CLIServer("--workers", "2", "--log", "json", "--tcp", f"--tcpports={start}:{start + 11}", *py_child(port_child))
+    try:
+        clients, ports = [], []
+        for i in range(8):
+            client = ws_connect("127.0.0.1", server.port, f"/room{i}")
+            ports.append(int(client.recv_text()))
+            clients.append(client)
+        assert len(set(ports)) == 8 and all(start <= port <= start + 11 for port in ports)
+        for client in clients:
+            client.close()
+    finally:
+        assert server.stop() == 0
+    entries = [json.loads(line) for line in server.lines]
+    started = [e for e in entries if "started child" in e["message"]]
+    assert len(started) == 8 and {e["worker"] for e in started} == {0, 1}
+    assert all((e["worker"] == ss.worker_of(e["room"], 2)) and (e["worker"] == 0) == (p % 2 == start % 2)
+               for e in started for p in [ports[int(e["room"][4:])]])
+    assert [e for e in entries if e["message"].startswith("listening on")][0].get("worker") is None
+
+
+def test_workers_serve_static_files_and_health_from_any_worker(tmp_path):
+    """Static files and /health are answered by whichever worker reads the request."""
+    (tmp_path / "index.html").write_text("<p>hi</p>")
+    server = CLIServer("--workers", "2", "--staticdir", str(tmp_path), "cat")
+    try:
+        for _ in range(10):
+            assert http_request(server.port, "/index.html")[2] == b"<p>hi</p>"
+            assert http_request(server.port, "/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_worker_of_is_stable_and_spreads_rooms():
+    """The room-to-worker hash is the same in every process (not Python's salted hash) and spreads rooms."""
+    code = "import scalesocket; print([scalesocket.worker_of(f'room{i}', 3) for i in range(40)])"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=IO_TIMEOUT).stdout for seed in ("1", "2")}
+    assert len(runs) == 1
+    assert runs.pop().strip() == str([ss.worker_of(f"room{i}", 3) for i in range(40)])
+    shares = collections.Counter(ss.worker_of(f"room{i}", 2) for i in range(40))
+    assert max(shares.values()) <= 26  # at most 65% of 40 rooms on the busier of 2 workers
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--workers", "2", "--oneshot", "cat"], "--workers"),
+        (["--workers", "2", "--tlscert", "c.pem", "--tlskey", "k.pem", "cat"], "--workers"),
+        (["--workers", "0", "cat"], "--workers"),
+        (["--workers", "many", "cat"], "--workers"),
+    ],
+)
+def test_workers_bad_combinations_exit_2_with_one_line(argv, option):
+    """--workers with --oneshot or TLS, or a bad count: one error line naming the option, exit 2."""
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalesocket.py: error:") and option in lines[0], lines
+
+
+def test_workers_auto_is_one_per_usable_cpu():
+    """--workers auto: as many as the CPUs this process may use."""
+    assert ss.parse_args(["--workers", "auto", "cat"]).workers == len(os.sched_getaffinity(0))
 
 
 ###############################################################################
