@@ -2566,6 +2566,7 @@ class Worker:
                 raise ServiceUnavailable(f"worker {index} is not answering", [("Retry-After", "1")])
             await asyncio.sleep(0.01)
         connection.transport.abort()  # our descriptor only: the socket lives on in the message
+        log.debug("> connection handed to worker %d", index)
 
     def _peer(self, index: int) -> socket.socket:
         peer = self._peers.get(index)
