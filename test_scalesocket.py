@@ -144,11 +144,19 @@ class WSClient:
 
 
 def ws_connect(host: str, port: int, path: str = "/room", headers: dict | None = None,
-               tls: ssl.SSLContext | None = None, rcvbuf: int | None = None) -> WSClient:
-    """Open a WebSocket; raise HandshakeFailed unless the answer is 101."""
+               tls: ssl.SSLContext | None = None, rcvbuf: int | None = None, source: str | None = None) -> WSClient:
+    """Open a WebSocket; raise HandshakeFailed unless the answer is 101.
+
+    ``source`` picks the local address (a loopback one that --trustproxy does
+    not name). Header names are read in any case (HAProxy sends them lower
+    case), and a refusal's body by its Content-Length (nginx keeps the
+    connection open after it).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:  # a small receive window makes a client that does not read fall behind fast
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source:
+        sock.bind((source, 0))
     sock.settimeout(IO_TIMEOUT)
     sock.connect((host, port))
     if tls is not None:
@@ -173,15 +181,20 @@ def ws_connect(host: str, port: int, path: str = "/room", headers: dict | None =
     head_bytes, _, rest = buf.partition(b"\r\n\r\n")
     head_text = head_bytes.decode("latin-1")
     status = int(head_text.split(" ")[1]) if head_text else 0
+    found = {}
+    for line in head_text.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        found[name.strip().lower()] = value.strip()
     if status != 101:
-        while True:
+        length = int(found.get("content-length", -1))
+        while length < 0 or len(rest) < length:  # without a length: until the server closes
             data = sock.recv(65536)
             if not data:
                 break
             rest += data
         sock.close()
         raise HandshakeFailed(status, head_text, rest)
-    assert f"\r\nSec-WebSocket-Accept: {ss.accept_key(key)}\r\n" in head_text + "\r\n"
+    assert found.get("sec-websocket-accept") == ss.accept_key(key), head_text
     return WSClient(sock, rest, head=head_text)
 
 
@@ -2863,6 +2876,397 @@ def test_embedding_start_and_close_in_a_running_loop():
         return response
 
     assert b'{"status":"ok"}' in asyncio.run(scenario())
+
+
+###############################################################################
+# End to end: several hosts behind nginx and HAProxy (deploy/) ################
+###############################################################################
+
+# The child of the proxy tests tags every line with its host (its parent's pid)
+# and itself, so a test sees which host and which child answered.
+TAGGED_ECHO = (
+    "import os, sys\ntag = '%d %d' % (os.getppid(), os.getpid())\n"
+    "for line in sys.stdin:\n    print(tag, line.rstrip('\\n'), flush=True)"
+)
+# Every host of a test cluster; the join line shows the address the child is given.
+PROXY_BACKEND_ARGS = (
+    "--metrics", "--api", "--sameorigin", "--trustproxy", "127.0.0.1", "--staticdir", HERE,
+    "--joinmsg", "join #REMOTE_ADDR #QUERY_NICK",
+)
+PROXY_ROOMS = [f"room{i:02d}" for i in range(30)]
+PROXY_OPEN_FILES = 20000  # HAProxy's maxconn must let it start under this limit
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _replace(text: str, old: str, new: str) -> str:
+    """Substitute in a shipped config; fail if the config no longer has ``old``."""
+    assert old in text, f"{old!r} is no longer in the shipped config"
+    return text.replace(old, new)
+
+
+def _limit_open_files() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > PROXY_OPEN_FILES:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (PROXY_OPEN_FILES, PROXY_OPEN_FILES))
+
+
+class Proxy:
+    """nginx or HAProxy in the foreground on an ephemeral port, configured by the file in deploy/.
+
+    The config is the shipped text with only addresses, ports and file paths
+    replaced, so the file that ships is the file that is tested.
+    """
+
+    def __init__(self, kind: str, backend_ports: list[int]) -> None:
+        binary = shutil.which(kind, path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin")
+        if binary is None:
+            if os.environ.get("SCALESOCKET_REQUIRE_PROXY"):
+                pytest.fail(f"SCALESOCKET_REQUIRE_PROXY is set but {kind} is not installed")
+            pytest.skip(f"{kind} is not installed (apt-get install {kind})")
+        self.kind = kind
+        self.port = _free_port()
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        # Started as root, nginx runs its workers as nobody: they must reach their scratch directories.
+        self.dir = tempfile.mkdtemp(prefix=f"scalesocket-{kind}-")
+        os.chmod(self.dir, 0o755)
+        try:
+            self._start(binary, backend_ports)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, binary: str, backend_ports: list[int]) -> None:
+        with open(os.path.join(HERE, "deploy", "nginx.conf" if self.kind == "nginx" else "haproxy.cfg")) as f:
+            config = f.read()
+        for i, port in enumerate(backend_ports, 1):
+            config = _replace(config, f"10.0.0.{i}:9000", f"127.0.0.1:{port}")
+        if self.kind == "nginx":
+            config = _replace(config, "listen 80;", f"listen 127.0.0.1:{self.port};")
+            config = _replace(config, "/run/nginx-scalesocket.pid", os.path.join(self.dir, "nginx.pid"))
+            config = _replace(config, "/var/log/nginx/", self.dir + "/")
+            config = _replace(config, "/var/lib/nginx/", self.dir + "/")
+            path = os.path.join(self.dir, "nginx.conf")
+            argv = [binary, "-e", "stderr", "-p", self.dir + "/", "-c", path, "-g", "daemon off;"]
+        else:
+            config = _replace(config, "bind :80", f"bind 127.0.0.1:{self.port}")
+            path = os.path.join(self.dir, "haproxy.cfg")
+            argv = [binary, "-f", path, "-db"]
+        with open(path, "w") as f:
+            f.write(config)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, preexec_fn=_limit_open_files)
+        threading.Thread(target=self._read_log, daemon=True).start()
+        wait_until(self._ready, what=f"{self.kind} to answer /health")
+
+    def _read_log(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.decode(errors="replace"))
+
+    def log(self) -> str:
+        """What the proxy printed, and nginx's error log."""
+        try:
+            with open(os.path.join(self.dir, "scalesocket-error.log"), errors="replace") as f:
+                return "".join(self.lines) + f.read()
+        except OSError:
+            return "".join(self.lines)
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, f"{self.kind} exited with {self.proc.returncode}: {self.log()}"
+        try:
+            return http_request(self.port, "/health")[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            self.proc.wait(IO_TIMEOUT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Cluster:
+    """Three scalesocket.py hosts (TAGGED_ECHO children) behind one proxy."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.backends: list[CLIServer] = []
+        self.proxy: Proxy | None = None
+        try:
+            for _ in range(3):
+                self.backends.append(CLIServer(*PROXY_BACKEND_ARGS, *py_child(TAGGED_ECHO)))
+            self.proxy = Proxy(kind, [b.port for b in self.backends])
+        except BaseException:
+            self.stop()
+            raise
+
+    def connect(self, path: str, headers: dict | None = None) -> WSClient:
+        return ws_connect("127.0.0.1", self.proxy.port, path, headers)
+
+    def host(self, pid: int) -> int:
+        """The index of the host whose pid this is."""
+        return [b.proc.pid for b in self.backends].index(pid)
+
+    def rooms(self, i: int) -> dict[str, int]:
+        """Host i's open rooms and their connections, from its own /api (each host, not the proxy)."""
+        return {r["name"]: r["connections"] for r in json.loads(http_request(self.backends[i].port, "/api/rooms")[2])}
+
+    def children_started(self, i: int) -> int:
+        metrics = http_request(self.backends[i].port, "/metrics")[2].decode()
+        return int(metrics.split("\nscalesocket_children_started_total ")[1].split()[0])
+
+    def stop(self) -> list[int]:
+        """Stop the proxy, then the hosts; return the hosts' exit statuses."""
+        if self.proxy is not None:
+            self.proxy.stop()
+        return [backend.stop() for backend in self.backends]
+
+
+@pytest.fixture(params=["nginx", "haproxy"])
+def cluster(request):
+    cluster = Cluster(request.param)
+    yield cluster
+    assert cluster.stop() == [0, 0, 0]
+    logs = "".join(line for backend in cluster.backends for line in backend.lines)
+    assert "Traceback" not in logs and " ERROR " not in logs, logs
+
+
+def _expect(client: WSClient, text: str) -> tuple[int, int]:
+    """Read until the child's echo of ``text`` (skipping join lines); return (host pid, child pid)."""
+    while True:
+        host, child, line = client.recv_text().split(" ", 2)
+        if line == text:
+            return int(host), int(child)
+
+
+def test_proxy_rooms_spread_over_hosts_with_one_child_each(cluster):
+    """30 rooms through the proxy: all three hosts get rooms; in each room every client sees
+    the others' messages, and the whole cluster started one child per room."""
+    clients = {room: (cluster.connect(f"/{room}"), cluster.connect(f"/{room}")) for room in PROXY_ROOMS}
+    for room, (a, b) in clients.items():
+        a.send_text(f"a in {room}")
+    where = {}
+    for room, (a, b) in clients.items():
+        tag = _expect(a, f"a in {room}")
+        assert _expect(b, f"a in {room}") == tag  # b sees a's message, from the same child
+        b.send_text(f"b in {room}")
+        assert _expect(a, f"b in {room}") == tag
+        assert _expect(b, f"b in {room}") == tag
+        where[room] = cluster.host(tag[0])
+    hosted = [cluster.rooms(i) for i in range(3)]
+    for i in range(3):  # each host's own /api agrees: a room is open on one host only
+        assert hosted[i] == {room: 2 for room in PROXY_ROOMS if where[room] == i}
+    started = [cluster.children_started(i) for i in range(3)]
+    assert started == [len(rooms) for rooms in hosted] and sum(started) == len(PROXY_ROOMS)
+    print(f"\n{cluster.kind}: rooms per host for {len(PROXY_ROOMS)} rooms: {started} "
+          f"(hosts on ports {[b.port for b in cluster.backends]})")
+    assert all(started), started
+    for a, b in clients.values():
+        a.close()
+        b.close()
+
+
+def test_proxy_query_string_does_not_move_a_room(cluster):
+    """Clients of one room with different query strings reach the same host and child."""
+    queries = ["", "?nick=ann", "?room=lobby&nick=bob", "?nick=cy&next=/other/room"]
+    rooms = [f"query{i}" for i in range(6)]
+    for room in rooms:
+        clients = [cluster.connect(f"/{room}{query}") for query in queries]
+        first = clients[0]
+        first.send_text(f"hello {room}")
+        # The first client sees every join, each with its own #QUERY_NICK: one child has them all.
+        tags = {_expect(first, f"join 127.0.0.1 {nick}") for nick in ("ann", "bob", "cy")}
+        tags |= {_expect(client, f"hello {room}") for client in clients}
+        assert len(tags) == 1, tags
+        assert cluster.rooms(cluster.host(tags.pop()[0]))[room] == len(queries)
+        for client in clients:
+            client.close()
+    assert sum(cluster.children_started(i) for i in range(3)) == len(rooms)
+
+
+def _connect_until_101(cluster: Cluster, path: str) -> WSClient:
+    """Reconnect as a page would, until the proxy finds a live host (bounded)."""
+    result = []
+
+    def attempt() -> bool:
+        try:
+            result.append(cluster.connect(path))
+        except (HandshakeFailed, ConnectionError):
+            return False
+        return True
+
+    wait_until(attempt, what=f"a working room at {path}")
+    return result[0]
+
+
+def test_proxy_host_shutdown_moves_only_its_rooms(cluster):
+    """SIGTERM to one host: its clients get 1001 through the proxy; the other rooms keep their
+    clients, child and host; a client reconnecting to a moved room gets a new child on a live host."""
+    clients = {room: cluster.connect(f"/{room}") for room in PROXY_ROOMS}
+    for room, client in clients.items():
+        client.send_text(f"before {room}")
+    tags = {room: _expect(client, f"before {room}") for room, client in clients.items()}
+    counts = collections.Counter(cluster.host(host) for host, _ in tags.values())
+    v = counts.most_common(1)[0][0]  # the busiest host goes away
+    victim, survivors = cluster.backends[v], [i for i in range(3) if i != v]
+    moved = [room for room in PROXY_ROOMS if tags[room][0] == victim.proc.pid]
+    started = [cluster.children_started(i) for i in survivors]
+
+    victim.proc.send_signal(signal.SIGTERM)
+    for room in moved:
+        assert clients.pop(room).recv_close() == (1001, "server shutting down")
+    assert victim.proc.wait(IO_TIMEOUT) == 0
+
+    for room, client in clients.items():
+        # Still connected to the same child, and a new client of the room still reaches it.
+        newcomer = cluster.connect(f"/{room}?nick=late")
+        newcomer.send_text(f"after {room}")
+        assert _expect(newcomer, f"after {room}") == tags[room]
+        assert _expect(client, f"after {room}") == tags[room]
+        newcomer.close()
+    assert [cluster.children_started(i) for i in survivors] == started
+
+    live = {cluster.backends[i].proc.pid for i in survivors}
+    for room in moved:
+        clients[room] = _connect_until_101(cluster, f"/{room}")
+        clients[room].send_text(f"moved {room}")
+        tags[room] = _expect(clients[room], f"moved {room}")
+        assert tags[room][0] in live
+    if cluster.kind == "haproxy":  # its health check has its say too
+        wait_until(lambda: f"scalesocket/host{v + 1} is DOWN" in "".join(cluster.proxy.lines),
+                   what="HAProxy to mark the host down")
+    for room in moved:  # later clients of a moved room join it: one child, on one live host
+        late = cluster.connect(f"/{room}?nick=late")
+        late.send_text(f"late {room}")
+        assert _expect(late, f"late {room}") == tags[room]
+        assert _expect(clients[room], f"late {room}") == tags[room]
+        late.close()
+    assert sum(cluster.children_started(i) for i in survivors) == sum(started) + len(moved)
+    hosted = [set(cluster.rooms(i)) for i in survivors]
+    assert hosted[0] | hosted[1] == set(PROXY_ROOMS) and not hosted[0] & hosted[1]
+    for client in clients.values():
+        client.close()
+
+
+def test_proxy_gives_the_child_the_client_address(cluster):
+    """--trustproxy naming the proxy: the child sees the client's address (X-Forwarded-For from
+    the proxy); X-Forwarded-For or Forwarded forged through the proxy or sent directly are not believed."""
+    forged = {"X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6"}
+    a = ws_connect("127.0.0.1", cluster.proxy.port, "/address?nick=proxied", forged, source="127.0.0.9")
+    _expect(a, "join 127.0.0.9 proxied")  # the proxy itself is 127.0.0.1, which the hosts trust
+    b = ws_connect("127.0.0.1", cluster.backends[0].port, "/direct?nick=direct", forged, source="127.0.0.5")
+    _expect(b, "join 127.0.0.5 direct")  # not a trusted proxy: its own address
+    # The control: a peer that --trustproxy names is believed.
+    c = ws_connect("127.0.0.1", cluster.backends[1].port, "/trusted?nick=trusted", {"X-Forwarded-For": "203.0.113.7"}, source="127.0.0.1")
+    _expect(c, "join 203.0.113.7 trusted")
+    for client in (a, b, c):
+        client.close()
+
+
+def test_proxy_sameorigin_sees_the_clients_host(cluster):
+    """--sameorigin behind the proxy: the client's Host, port included, reaches the hosts."""
+    cluster.connect("/origin", headers={"Origin": f"http://127.0.0.1:{cluster.proxy.port}"}).close()
+    for other in ("http://127.0.0.1", "http://evil.example"):
+        with pytest.raises(HandshakeFailed) as exc:
+            cluster.connect("/origin", headers={"Origin": other})
+        assert exc.value.status == 403
+
+
+def test_proxy_serves_the_chat_page_and_health(cluster):
+    """Static files and /health go through the proxy too, an HTTP/1.0 request without Host included;
+    /metrics and /api, which describe one host, are read on each host, not through the proxy."""
+    with open(os.path.join(HERE, "index.html"), "rb") as f:
+        page = f.read()
+    for path in ("/", "/?room=room2", "/index.html"):
+        status, _, body = http_request(cluster.proxy.port, path)
+        assert (status, body) == (200, page)
+    status, _, body = http_request(cluster.proxy.port, "/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    response = raw_request(cluster.proxy.port, b"GET /health HTTP/1.0\r\n\r\n")
+    assert status_of(response) == 200 and response.endswith(b'{"status":"ok"}'), response
+    for path in ("/metrics", "/api/rooms", "/api"):
+        assert http_request(cluster.proxy.port, path)[0] == 404
+        assert http_request(cluster.backends[0].port, path)[0] == (404 if path == "/api" else 200)
+    cluster.connect("/apiary").close()  # a room whose name starts like one is still a room
+
+
+class _HeadRecorder:
+    """A stand-in host: answers every request with the request line and headers it received, as JSON."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(IO_TIMEOUT)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+            lines = buf.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+            fields: dict[str, list[str]] = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip().lower(), []).append(value.strip())
+            body = json.dumps({"request": lines[0], "headers": fields}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])
+def test_proxy_sets_x_forwarded_for_drops_forwarded_keeps_host(kind):
+    """What the hosts receive: the client's Host (port included), X-Forwarded-For replaced by the
+    client's address, no Forwarded, the upgrade headers, HTTP/1.1, the path and query as sent."""
+    recorders = [_HeadRecorder() for _ in range(3)]
+    proxy = None
+    try:
+        proxy = Proxy(kind, [r.port for r in recorders])
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=IO_TIMEOUT, source_address=("127.0.0.9", 0))
+        conn.request("GET", "/room1?nick=ann", headers={
+            "Host": f"127.0.0.1:{proxy.port}", "X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6",
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        })
+        seen = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for recorder in recorders:
+            recorder.close()
+    headers = seen["headers"]
+    assert seen["request"] == "GET /room1?nick=ann HTTP/1.1"
+    assert headers["host"] == [f"127.0.0.1:{proxy.port}"]
+    assert headers["x-forwarded-for"] == ["127.0.0.9"]
+    assert "forwarded" not in headers
+    assert headers["upgrade"] == ["websocket"]
+    assert [value.lower() for value in headers["connection"]] == ["upgrade"]
 
 
 ###############################################################################
