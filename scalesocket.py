@@ -50,7 +50,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
