@@ -30,6 +30,7 @@ import http
 import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import mmap
 import os
@@ -1602,8 +1603,6 @@ class Child:
             log.warning("room %r: child %s: %s", self.room.name, name, text, extra={"room": self.room.name})
 
 
-
-
 class Room:
     """One room: its clients, its child and the relay between them.
 
@@ -1853,17 +1852,21 @@ class Room:
         await self.child.exited
         self.hub.on_child_exit(self, self.child.returncode)
 
+
 class Census:
-    """The whole server's count of clients and rooms (--maxclients, --maxrooms) and its client ids.
+    """The whole server's counts: clients and rooms (--maxclients, --maxrooms), client ids, and the counters of /metrics.
 
     A room lives in one process, but these belong to the whole server. With
     one process they are plain numbers. With --workers they live in memory
     that the supervisor shares with every worker (``shared_memory``): the
-    last client id given, then each worker's clients and rooms. A worker
-    writes only its own slot, and a lock file makes "check the total, then
-    count myself in" one step across processes. The supervisor clears the
-    slot of a worker that died, and keeps the ids going across restarts.
+    last client id given, then a slot of COUNTS per worker. A worker writes
+    only its own slot, and a lock file makes "check the total, then count
+    myself in" one step across processes. The supervisor clears the clients
+    and rooms of a worker that died; the ids and the counters go on across
+    restarts, so the counters of /metrics never go back.
     """
+
+    COUNTS = ("clients", "rooms", "connections", "children_started", "children_stopped")
 
     def __init__(self, config: Config, memory: mmap.mmap | None = None, index: int = 0, workers: int = 1,
                  lock_path: str | None = None) -> None:
@@ -1871,17 +1874,20 @@ class Census:
         self.max_rooms = config.max_rooms
         self._cells = memoryview(memory if memory is not None else bytearray(self.size(workers))).cast("Q")
         self._workers = workers
-        self._mine = 1 + 2 * index  # this worker's clients; its rooms are the next cell
+        self._index = index
         self._lock = os.open(lock_path, os.O_RDWR) if lock_path else None
 
     @staticmethod
     def size(workers: int) -> int:
-        return 8 * (1 + 2 * workers)
+        return 8 * (1 + len(Census.COUNTS) * workers)
 
     @staticmethod
     def shared_memory(workers: int) -> mmap.mmap:
         """Memory for every worker's Census: made before they are started, so they inherit it."""
         return mmap.mmap(-1, Census.size(workers))
+
+    def _cell(self, name: str, index: int | None = None) -> int:
+        return 1 + len(self.COUNTS) * (self._index if index is None else index) + self.COUNTS.index(name)
 
     @contextlib.contextmanager
     def _locked(self):
@@ -1894,8 +1900,13 @@ class Census:
         finally:
             fcntl.lockf(self._lock, fcntl.LOCK_UN)
 
-    def _total(self, cell: int) -> int:
-        return sum(self._cells[1 + 2 * worker + cell] for worker in range(self._workers))
+    def total(self, name: str) -> int:
+        """Return a count summed over every worker."""
+        return sum(self._cells[self._cell(name, index)] for index in range(self._workers))
+
+    def count(self, name: str, n: int = 1, index: int | None = None) -> None:
+        """Add to one of this worker's counts (or, for the supervisor, a dead worker's)."""
+        self._cells[self._cell(name, index)] += n
 
     def admit_client(self) -> int:
         """Count a new client in and return its id: 1, 2, 3... for the server's whole life.
@@ -1904,14 +1915,11 @@ class Census:
             ServiceUnavailable: --maxclients clients are connected (503).
         """
         with self._locked():
-            if self._total(0) >= self.max_clients:
+            if self.total("clients") >= self.max_clients:
                 raise ServiceUnavailable(f"too many clients (at most {self.max_clients})", [("Retry-After", "5")])
-            self._cells[self._mine] += 1
+            self.count("clients")
             self._cells[0] += 1
             return self._cells[0]
-
-    def release_client(self) -> None:
-        self._cells[self._mine] -= 1
 
     def admit_room(self) -> None:
         """Count a new room in; it counts until its child is gone.
@@ -1920,16 +1928,13 @@ class Census:
             RoomUnavailable: --maxrooms rooms are open (1013).
         """
         with self._locked():
-            if self.max_rooms is not None and self._total(1) >= self.max_rooms:
+            if self.max_rooms is not None and self.total("rooms") >= self.max_rooms:
                 raise RoomUnavailable(f"too many rooms (at most {self.max_rooms})", CloseCode.TRY_AGAIN_LATER)
-            self._cells[self._mine + 1] += 1
-
-    def release_room(self) -> None:
-        self._cells[self._mine + 1] -= 1
+            self.count("rooms")
 
     def clear(self, index: int) -> None:
         """Forget the clients and rooms of a worker that died (the supervisor's job)."""
-        self._cells[1 + 2 * index] = self._cells[2 + 2 * index] = 0
+        self._cells[self._cell("clients", index)] = self._cells[self._cell("rooms", index)] = 0
 
 
 class Hub:
@@ -1940,7 +1945,6 @@ class Hub:
         self.census = census or Census(config)
         self.rooms: dict[str, Room] = {}
         self.ports = ports or PortPool(*config.tcp_ports)
-        self.totals = collections.Counter()  # counters for /metrics, over the process's life
         self.on_oneshot_end = None  # callback: --oneshot's room has ended
         self._oneshot_room: str | None = None
         self._caches: dict[str, collections.deque] = {}  # --cachepersist
@@ -1997,6 +2001,7 @@ class Hub:
         room.clients[client.id] = client
         client.room = room
         room.stats["connections"] += 1
+        self.census.count("connections")
         log.info("client %d joined room %r from %s", client.id, room_name, request.remote_addr,
                  extra={"room": room_name, "client": client.id})
         return room
@@ -2018,11 +2023,11 @@ class Hub:
             self._end(room)
 
     def on_child_start(self, room: Room) -> None:
-        self.totals["children_started"] += 1
+        self.census.count("children_started")
         log.info("room %r: started child %d: %s", room.name, room.child.pid, self.config.cmd, extra={"room": room.name})
 
     def on_child_stop(self, room: Room) -> None:
-        self.totals["children_stopped"] += 1
+        self.census.count("children_stopped")
         log.info("room %r: child %d stopped", room.name, room.child.pid, extra={"room": room.name})
 
     def on_child_exit(self, room: Room, returncode: int) -> None:
@@ -2047,7 +2052,6 @@ class Hub:
         if self.rooms.get(room.name) is not room:
             return  # ended already
         del self.rooms[room.name]
-        self.totals.update(room.stats)
         task = asyncio.get_running_loop().create_task(room.stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopped)
@@ -2056,7 +2060,7 @@ class Hub:
 
     def _stopped(self, task: asyncio.Task) -> None:
         self._stopping.discard(task)
-        self.census.release_room()
+        self.census.count("rooms", -1)
         if not task.cancelled() and task.exception() is not None:
             log.error("stopping a room failed", exc_info=task.exception())
 
@@ -2064,7 +2068,7 @@ class Hub:
         """Return this hub's rooms and counters as plain data (JSON), for /metrics and /api."""
         rooms = [{"name": room.name, "connections": len(room.clients), "metadata": room.metadata,
                   "stats": dict(room.stats)} for room in self.rooms.values()]
-        return {"rooms": rooms, "totals": dict(self.totals)}
+        return {"rooms": rooms}
 
     async def shutdown(self) -> None:
         """Close every client with 1001 and stop every child, all at once."""
@@ -2389,13 +2393,13 @@ def _label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_openmetrics(states: list[dict]) -> str:
+def render_openmetrics(states: list[dict], totals: dict[str, int]) -> str:
     """Return the server's metrics in the OpenMetrics text format.
 
     ``states`` are ``Hub.state()`` of every process (one, or each worker's):
-    server-wide counters are their sum, and each open room, which lives in
-    exactly one of them, has its series once. Per-room series exist while
-    the room is open; the server-wide ones count over the processes' lives.
+    each open room lives in exactly one of them and has its series once,
+    while it is open. ``totals`` are the server-wide counters (``Census``),
+    over the server's whole life.
     """
     lines = []
     rooms = sorted((room for state in states for room in state["rooms"]), key=lambda room: room["name"])
@@ -2405,11 +2409,6 @@ def render_openmetrics(states: list[dict]) -> str:
         for room in rooms:
             value = room["connections"] if key is None else room["stats"].get(key, 0)
             lines.append(f'{family}{suffix}{{room="{_label_value(room["name"])}"}} {value}')
-    totals = collections.Counter()
-    for state in states:
-        totals.update(state["totals"])
-    for room in rooms:
-        totals.update(room["stats"])
     for family, kind, text, key in _SERVER_METRICS:
         value = len(rooms) if key is None else totals[key]
         suffix = "_total" if kind == "counter" else ""
@@ -2460,6 +2459,8 @@ def api_response(states: list[dict], path: str):
 # What is the whole server's (limits, client ids) is in ``Census``; what is
 # merged for a reader (/metrics, /api/rooms) is asked of every worker.
 
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # a descriptor received is not inherited by children
+LISTEN_BACKLOG = 1024  # connections the kernel queues for the workers to accept
 HANDOVER_MAX = 128 * 1024  # bytes read before a connection is handed over (the head, and what came with it)
 HANDOVER_TIMEOUT = 3.0  # seconds to get a connection to its worker (one that restarts takes about one)
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps dying
@@ -2591,21 +2592,30 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("cannot accept a worker's connection: %s", exc)
+                log.warning("cannot accept a worker's connection: %s; retrying in 1 s", exc)
+                loop.remove_reader(self._handover.fileno())
+                loop.call_later(1.0, self._resume_accepting)
                 return
             sock.setblocking(False)
             self._inbound.add(sock)
             loop.add_reader(sock.fileno(), self._receive, sock)
 
+    def _resume_accepting(self) -> None:
+        if not self._server.closing:
+            asyncio.get_running_loop().add_reader(self._handover.fileno(), self._accept)
+
     def _receive(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(sock, HANDOVER_MAX, 1)
+                data, fds, flags, _ = socket.recv_fds(sock, HANDOVER_MAX, 1, _CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                data, fds = b"", []
+                data, fds, flags = b"", [], 0
+            if flags & socket.MSG_CTRUNC:  # no descriptor left to receive it in: the kernel closed it
+                log.warning("a connection handed over was lost: out of file descriptors (raise `ulimit -n`)")
+                continue
             if not data and not fds:  # that worker is gone
                 loop.remove_reader(sock.fileno())
                 self._inbound.discard(sock)
@@ -2653,6 +2663,9 @@ class Worker:
                 writer.close()
 
 
+_SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+
+
 class Supervisor:
     """Start the workers on one listening socket, restart those that die, stop them all on a signal.
 
@@ -2684,9 +2697,7 @@ class Supervisor:
             print(f"scalesocket.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
                   file=sys.stderr)
             return 1
-        host, port = self.listener.getsockname()[:2]
-        log.info("listening on %s:%d (%d workers)", f"[{host}]" if ":" in host else host, port, config.workers)
-        self.directory = tempfile.mkdtemp(prefix="scalesocket-")
+        self.directory = _private_directory()
         self.lock_path = os.path.join(self.directory, "lock")
         open(self.lock_path, "w").close()
         self.memory = Census.shared_memory(config.workers)
@@ -2699,9 +2710,12 @@ class Supervisor:
         signal.set_wakeup_fd(wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._on_signal)
+        host, port = self.listener.getsockname()[:2]
+        log.info("listening on %s:%d (%d workers)", f"[{host}]" if ":" in host else host, port, config.workers)
         try:
             for index in range(config.workers):
-                self._start(index)
+                if not self._signalled:
+                    self._start(index)
             self._watch()
         finally:
             signal.set_wakeup_fd(-1)
@@ -2721,8 +2735,18 @@ class Supervisor:
         sys.stdout.flush()
         sys.stderr.flush()
         supervisor = os.getpid()
-        pid = os.fork()
+        # Blocked until the child has its own handlers: a SIGTERM sent to it
+        # before then must not run the supervisor's handler there and be lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of memory or of pids (a cgroup's pids.max): not a reason to stop serving
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            log.error("cannot start worker %d: %s; trying again in 1 s", index, exc.strerror or exc)
+            self._due[index] = time.monotonic() + 1.0
+            return
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.pids[pid] = index
             self._started[index] = time.monotonic()
             return
@@ -2731,8 +2755,9 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for fd in self._wake:
                 os.close(fd)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for signum in _SUPERVISOR_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _set_parent_death_signal(signal.SIGTERM)
             if os.getppid() != supervisor:
                 os._exit(0)  # the supervisor died while we were starting
@@ -2752,9 +2777,10 @@ class Supervisor:
                 self._due.clear()
                 for pid in self.pids:
                     _signal(pid, signal.SIGTERM)
-                stop_by = time.monotonic() + 2 * KILL_GRACE + 1  # each worker needs at most about KILL_GRACE
+                stop_by = time.monotonic() + 2 * KILL_GRACE + 1  # each worker needs at most about 3 s
             now = time.monotonic()
-            deadlines = list(self._due.values()) + list(self._orphans.values()) + ([stop_by] if stop_by else [])
+            deadlines = [*self._due.values(), *(due for due in self._orphans.values() if due != math.inf),
+                         *([stop_by] if stop_by else [])]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             try:
                 select.select([self._wake[0]], [], [], timeout)
@@ -2772,7 +2798,7 @@ class Supervisor:
             for pid, due in list(self._orphans.items()):
                 if due <= now:
                     _kill_group(pid, signal.SIGKILL)
-                    self._orphans[pid] = float("inf")  # reaped when it goes
+                    self._orphans[pid] = math.inf  # reaped when it goes
             if stop_by is not None and now >= stop_by:
                 for pid in self.pids:
                     _signal(pid, signal.SIGKILL)  # a worker that did not stop in time
@@ -2793,10 +2819,10 @@ class Supervisor:
 
     def _worker_ended(self, index: int, pid: int, status: int) -> None:
         self.census.clear(index)  # its clients lost their connections; its rooms are gone
-        self._stop_orphans(signal.SIGTERM)
+        self._stop_orphans(signal.SIGTERM, index)
         if self._signalled:
             return
-        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+        code = os.waitstatus_to_exitcode(status)
         how = f"exited with {code}" if code >= 0 else f"was killed by signal {-code}"
         now = time.monotonic()
         if now - self._started[index] < STABLE_AFTER:
@@ -2811,14 +2837,34 @@ class Supervisor:
             log.warning("worker %d (pid %d) %s: starting it again", index, pid, how)
         self._due[index] = now + delay
 
-    def _stop_orphans(self, signum: int) -> None:
-        """Signal the children that dead workers left; they are ours to reap (we are their subreaper)."""
-        for pid in _children_of(os.getpid()):
-            if pid in self.pids:
+    def _stop_orphans(self, signum: int, dead: int | None = None) -> None:
+        """Signal the children that dead workers left; they are ours to reap (we are their subreaper).
+
+        The room children among them (each leads its own session) count as
+        stopped by worker ``dead``, so that /metrics still adds up.
+        """
+        processes = _processes()
+        live_rooms = {pid for pid, (parent, _) in processes.items() if parent in self.pids}  # each leads its session
+        for pid, (parent, session) in processes.items():
+            if parent != os.getpid() or pid in self.pids or session in live_rooms:
                 continue
             _kill_group(pid, signum)
             if signum == signal.SIGTERM and pid not in self._orphans:
                 self._orphans[pid] = time.monotonic() + KILL_GRACE
+                if dead is not None and session == pid:
+                    self.census.count("children_stopped", index=dead)
+
+
+def _private_directory() -> str:
+    """Make the directory (0700) for the workers' Unix sockets and lock file.
+
+    A Unix socket's path is at most 107 bytes: under a long TMPDIR, /tmp.
+    """
+    directory = tempfile.mkdtemp(prefix="scalesocket-")
+    if len(os.path.join(directory, "w1023.http")) > 100:
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="scalesocket-", dir="/tmp")
+    return directory
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -2831,7 +2877,7 @@ def _listen(host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -2847,8 +2893,8 @@ def _prctl(option: int, value: int) -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    except (ImportError, OSError, AttributeError):
+        pass  # a Python built without ctypes: no subreaper, no parent-death signal
 
 
 def _become_subreaper() -> None:
@@ -2862,9 +2908,9 @@ def _set_parent_death_signal(signum: int) -> None:
     _prctl(1, signum)
 
 
-def _children_of(parent: int) -> list[int]:
-    """Return the pids whose parent is ``parent`` (Linux /proc; elsewhere none)."""
-    pids = []
+def _processes() -> dict[int, tuple[int, int]]:
+    """Return every process's parent and session, by pid (Linux /proc; elsewhere none)."""
+    found = {}
     with contextlib.suppress(OSError):
         for name in os.listdir("/proc"):
             if not name.isdigit():
@@ -2874,9 +2920,13 @@ def _children_of(parent: int) -> list[int]:
                     fields = f.read().rpartition(b")")[2].split()
             except OSError:
                 continue
-            if int(fields[1]) == parent:
-                pids.append(int(name))
-    return pids
+            found[int(name)] = (int(fields[1]), int(fields[3]))
+    return found
+
+
+def _children_of(parent: int) -> list[int]:
+    """Return the pids whose parent is ``parent`` (Linux /proc; elsewhere none)."""
+    return [pid for pid, (ppid, _) in _processes().items() if ppid == parent]
 
 
 def _kill_group(pid: int, signum: int) -> None:
@@ -3017,7 +3067,8 @@ class Server:
         loop = asyncio.get_running_loop()
         if self.worker is not None:  # the supervisor has bound, and said where
             await self.worker.start(self)
-            self._server = await loop.create_server(lambda: Connection(self), sock=self.worker.listener)
+            self._server = await loop.create_server(lambda: Connection(self), sock=self.worker.listener,
+                                                    backlog=LISTEN_BACKLOG)
             self.port = self.worker.listener.getsockname()[1]
         else:
             tls = tls_context(config) if config.tls_cert else None
@@ -3182,7 +3233,9 @@ class Server:
         elif path == "/_worker/state" and connection.internal:
             body, ctype = json.dumps(self.hub.state()).encode("utf-8"), "application/json"
         elif path == "/metrics" and self.config.metrics:
-            body, ctype = render_openmetrics(await self._states()).encode("utf-8"), OPENMETRICS_TYPE
+            census = self.hub.census
+            totals = {name: census.total(name) for name in Census.COUNTS}
+            body, ctype = render_openmetrics(await self._states(), totals).encode("utf-8"), OPENMETRICS_TYPE
         elif path == "/" and self.config.devconsole:
             body, ctype = DEVCONSOLE_PAGE.encode("utf-8"), "text/html; charset=utf-8"
         elif (path == "/api" or path.startswith("/api/")) and self.config.api:
@@ -3241,7 +3294,7 @@ class Server:
             await self._serve_client(client, room_name, request, response)
         finally:
             self.clients.discard(client)
-            self.hub.census.release_client()
+            self.hub.census.count("clients", -1)
             self.hub.leave(client)
             client.cleanup()
 

@@ -1964,8 +1964,7 @@ def test_metrics_text_golden():
             room.clients = dict.fromkeys(range(clients))
             room.stats.update(stats)
             hub.rooms[name] = room
-        hub.totals.update({"connections": 7, "children_started": 4, "children_stopped": 2})
-        return ss.render_openmetrics([hub.state()])
+        return ss.render_openmetrics([hub.state()], {"connections": 11, "children_started": 4, "children_stopped": 2})
 
     assert asyncio.run(render()) == METRICS_GOLDEN
 
@@ -3391,12 +3390,18 @@ def test_workers_limits_hold_for_the_whole_server():
 def test_worker_killed_is_replaced_and_its_rooms_come_back():
     """SIGKILL to a worker: restarted, its children stopped and reaped, its rooms work for a new
     client, the other workers' clients never notice."""
-    server = CLIServer("--workers", "3", *py_child(PID_ECHO))
+    server = CLIServer("--workers", "3", "--metrics", *py_child(PID_ECHO))
+
+    def counters() -> dict[str, int]:
+        text = http_request(server.port, "/metrics")[2].decode()
+        return {name: int(value) for name, value in re.findall(r"^scalesocket_(\w+)_total (\d+)$", text, re.M)}
+
     try:
         rooms = {}
         for i in range(9):
             client = ws_connect("127.0.0.1", server.port, f"/room{i}")
             rooms[f"room{i}"] = (client, int(client.recv_text()))
+        before = counters()
         worker_pids = ss._children_of(server.proc.pid)
         parent = {pid: ss._children_of(pid) for pid in worker_pids}
         victim = next(pid for pid in worker_pids if parent[pid])  # a worker with rooms
@@ -3408,6 +3413,9 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
                 wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what=f"child {child} reaped")
         wait_until(lambda: len(ss._children_of(server.proc.pid)) == 3, what="a new worker")
         assert victim not in ss._children_of(server.proc.pid)
+        # The server-wide counters live in the supervisor's memory: they never go back, and the
+        # children it stopped for the dead worker count as stopped.
+        assert counters() == {**before, "children_stopped": before["children_stopped"] + len(lost)}
         for room, (client, child) in rooms.items():
             if room in lost:
                 fresh = ws_connect("127.0.0.1", server.port, f"/{room}")
@@ -3438,6 +3446,80 @@ def test_worker_that_keeps_dying_is_restarted_with_a_backoff():
                                for line in server.lines), what="the backoff line")
         wait_until(lambda: len(ss._children_of(server.proc.pid)) == 2, what="the worker back after its wait")
         assert http_request(server.port, "/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def _alive(pid: int) -> bool:
+    """True while a process runs (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_death_stops_a_stubborn_child_and_the_supervisor_lives_on():
+    """A dead worker's child that ignores SIGTERM gets SIGKILL from the supervisor, which goes on serving."""
+    stubborn = "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid(), flush=True)\ntime.sleep(3600)\n"
+    server = CLIServer("--workers", "2", *py_child(stubborn))
+    try:
+        client = ws_connect("127.0.0.1", server.port, "/room0")
+        child = int(client.recv_text())
+        worker = next(pid for pid in ss._children_of(server.proc.pid) if child in ss._children_of(pid))
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what="the orphan SIGKILLed and reaped")
+        assert http_request(server.port, "/health")[0] == 200
+        assert server.proc.poll() is None, "".join(server.lines)
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in "".join(server.lines)
+
+
+def test_worker_death_spares_what_other_workers_rooms_started():
+    """A worker's death stops its own rooms' processes only, not a helper a live room left running."""
+    helper = ("import os, subprocess, sys\nsubprocess.run(['sh', '-c', 'sleep 3600 &'])\n"
+              "print(os.getpid(), flush=True)\nfor line in sys.stdin: print(line, end='', flush=True)\n")
+    room = next(f"r{i}" for i in range(100) if ss.worker_of(f"r{i}", 2) == 0)
+    server = CLIServer("--workers", "2", *py_child(helper))
+    try:
+        client = ws_connect("127.0.0.1", server.port, f"/{room}")
+        child = int(client.recv_text())
+        sleeper = next(pid for pid in ss._children_of(server.proc.pid) if _command(pid).startswith("sleep"))
+        owner = next(pid for pid in ss._children_of(server.proc.pid) if child in ss._children_of(pid))
+        idle = next(pid for pid in ss._children_of(server.proc.pid) if pid not in (owner, sleeper))
+        os.kill(idle, signal.SIGKILL)
+        wait_until(lambda: any(f"(pid {idle}) was killed by signal 9" in line for line in server.lines),
+                   what="the supervisor to handle the death")  # its orphans were signalled before this line
+        client.send_text("still here")
+        assert client.recv_text() == "still here"
+        assert _alive(sleeper) and _alive(child)
+    finally:
+        assert server.stop() == 0
+
+
+def test_workers_sigterm_right_after_listening_exits_0_and_cleans_up():
+    """A SIGTERM as soon as the 'listening on' line is out: exit 0, no temporary directory left."""
+    before = set(os.listdir(tempfile.gettempdir()))
+    for _ in range(5):
+        server = CLIServer("--workers", "2", "cat")
+        assert server.stop() == 0
+    left = {name for name in set(os.listdir(tempfile.gettempdir())) - before if name.startswith("scalesocket-")}
+    assert left == set()
+
+
+def test_workers_under_a_long_tmpdir(tmp_path, monkeypatch):
+    """A TMPDIR too long for a Unix socket's path: the workers' sockets go under /tmp, and rooms work."""
+    long_dir = tmp_path / ("x" * 90)
+    long_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long_dir))
+    server = CLIServer("--workers", "2", *py_child(ECHO))
+    try:
+        for i in range(4):  # rooms of both workers, so some connections are handed over
+            client = ws_connect("127.0.0.1", server.port, f"/room{i}")
+            client.send_text("through")
+            assert client.recv_text() == "through"
+            client.close()
     finally:
         assert server.stop() == 0
 
