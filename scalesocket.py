@@ -780,8 +780,7 @@ class WebSocketProtocol:
 ###############################################################################
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# A control character other than tab, or a CR or LF that is not part of a CRLF.
-_BAD_HEAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters but tab, CR and LF
 
 
 @dataclass
@@ -812,7 +811,8 @@ def parse_request(head: bytes) -> Request:
         text = head.decode("ascii")
     except UnicodeDecodeError:
         raise BadRequest("request head is not ASCII") from None
-    if _BAD_HEAD.search(text):  # one scan of the whole head, not one per character
+    crlf = text.count("\r\n")  # every CR and LF in the head must be one of a CRLF pair
+    if _CONTROL.search(text) or text.count("\r") != crlf or text.count("\n") != crlf:
         raise BadRequest("control character in the request head")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
