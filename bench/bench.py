@@ -37,15 +37,18 @@ Servers, all relaying through `cat` on 127.0.0.1 only:
 
 Load generators:
 
-* bench/go_loadgen/main.go, built to /tmp/bench-go/bench-loadgen: rtt, big
-  (one gorilla/websocket client), handshake, rooms and manyrooms (bare
-  clients: a fixed upgrade request on a TCP connection, masked frames out, a
-  minimal frame parser in), so that the load generator is not what limits;
+* bench/go_loadgen/main.go, built to /tmp/bench-go/bench-loadgen, runs every
+  workload: rtt and big with one gorilla/websocket client; handshake, rooms,
+  fanout, fanout20k, idle and manyrooms with bare clients (a fixed upgrade
+  request on a TCP connection, masked frames out, a minimal frame parser
+  in), those of fanout, idle and manyrooms read by one thread waiting in
+  epoll (--set pollers=N for more), a read per ready socket and a short
+  pause between rounds, so that each wake-up finds much to read and the
+  load generator is not what limits;
 * bench/loadgen.js (node, the `ws` package and bare clients on node's net
-  module): fanout, fanout20k and idle, not ported (fanout's receivers run in
-  2 node processes; idle measures memory, not speed). It also has rtt, big,
-  handshake and rooms, with the same options and figures: those run on it
-  when Go cannot be had, or with --loadgen node; manyrooms is then skipped.
+  module; fanout's receivers in 2 node processes) has the same workloads,
+  options and figures but manyrooms: it runs them when Go cannot be had, or
+  with --loadgen node (manyrooms is then skipped).
 
 Both Go programs are built in GOPATH mode against Debian's golang-go and
 golang-github-gorilla-websocket-dev (bench.py installs them with apt-get when
@@ -59,8 +62,11 @@ Workloads:
 2. fanout     100 clients in one room, one of them sends 2,000 messages at
               once: deliveries/s (100 × 2,000 / time until the last client has
               all) and lost messages (each client checks it got all, in order).
-              The 99 receivers are bare clients in 2 processes. A run lasts a
-              fraction of a second, so start-up latency weighs;
+              The receivers are bare clients; with Go, the time each got its
+              last message is the kernel's (SO_TIMESTAMPNS: when it reached
+              the client's socket), so the load generator's own delays do not
+              count; with node, when node handled it. A run lasts a fraction
+              of a second, so start-up latency weighs;
    fanout20k  the same with 20,000 messages, one run: the sustained rate.
 3. big        1 MiB text messages echoed through ``cat``, sequential: MB/s.
 4. handshake  2,000 connections (open, upgrade, close; 8 at once; bare
@@ -71,7 +77,8 @@ Workloads:
               before and after, KiB per connection, and whether all were held
               (and, with rooms, all got a broadcast; with websocketd, each got
               its echo). websocketd holds 4 fds per connection, so under a
-              hard fd limit it gets fewer connections.
+              hard fd limit it gets fewer connections. Bare clients with Go,
+              `ws` clients with node.
 6. rooms      500 distinct rooms, 4 at once, each: connect, send, get the
               echo, close (a child spawned and stopped per room): rooms/s.
 7. manyrooms  40 rooms × 25 clients (bare, connected once for all the
@@ -108,12 +115,12 @@ during the timed phase, in % of one core. The load generator's is its busiest
 process, all threads (the Go one reports its own, from getrusage, as it may
 be exiting when bench.py would read /proc). Near 100% for a Python server
 (one thread) means it is the bottleneck; the Go server and the Go load
-generator run on every core (up to 200% on two), but manyrooms' reads are
-done by one thread (--set manyrooms.pollers=N for more), whose CPU the steps
-table shows: near 100%, the load generator may be what limits, and the
-saturation reason says so. node's load generator is saturated near 100%. A
-second table gives the server / load generator / children / everything else
-on the machine. The figures are only good on an otherwise idle machine:
+generator run on every core (up to 200% on two), but the reads of fanout and
+manyrooms are done by one thread (--set pollers=N for more), whose CPU the
+log's lines (fanout) and the steps table (manyrooms) show: near 100%, the
+load generator may be what limits, and manyrooms' saturation reason says so.
+node's load generator is saturated near 100%. A second table gives the
+server / load generator / children / everything else on the machine. The figures are only good on an otherwise idle machine:
 before each run bench.py waits until the CPUs are idle (at most --max-wait
 seconds in all) and it flags runs that shared the CPUs.
 
@@ -135,7 +142,7 @@ Install (bench.py does each step itself when the thing is missing):
     (cd bench/go_server && go build -o /tmp/bench-go/scalesocket-go .)   # each redone when
     (cd bench/go_loadgen && go build -o /tmp/bench-go/bench-loadgen .)   # its main.go is newer
 
-Requires Linux (/proc), python3 >= 3.9, node >= 18 (for the node workloads);
+Requires Linux (/proc), python3 >= 3.9, node >= 18 (for the node load generator);
 Go >= 1.19 (GOPATH mode, no module download) for the compiled server and the
 Go load generator.
 """
@@ -204,8 +211,8 @@ def server_title(kind: str) -> str:
 # --------------------------------------------------------------------------
 
 # The options each load generator takes (so that --set goes only where it fits).
-GO_OPTIONS = {"url", "room", "count", "size", "warmup", "concurrency", "anchor", "timeout",
-              "rooms", "clients", "rate", "duration", "settle", "drain", "pollers", "batch"}
+GO_OPTIONS = {"url", "room", "count", "size", "warmup", "concurrency", "anchor", "timeout", "messages", "window",
+              "broadcast", "echo", "rooms", "clients", "rate", "duration", "settle", "drain", "pollers", "batch"}
 NODE_OPTIONS = {"url", "room", "count", "size", "warmup", "clients", "messages", "procs", "window",
                 "concurrency", "anchor", "broadcast", "echo", "client", "timeout"}
 
@@ -222,6 +229,8 @@ class Workload:
     loadgen: str = ""  # the load generator's workload, when not the same name
     generators: tuple[str, ...] = ("go", "node")  # load generators that have it, the preferred first
     generator: str = ""  # the one this run uses (set in main)
+    # More options for one load generator only (added to args and quick_args once it is chosen).
+    generator_args: dict[str, list[str]] = field(default_factory=dict)
     timeout: float = WORKLOAD_TIMEOUT  # seconds: all the runs on one server
     rates: tuple[float, ...] = ()  # manyrooms: messages/s per client, step by step (full run)
     quick_rates: tuple[float, ...] = ()  # the same, --quick
@@ -233,15 +242,15 @@ WORKLOADS = {w.name: w for w in [
              ["--count", "20000", "--warmup", "1000", "--size", "64"],
              ["--count", "3000", "--warmup", "300", "--size", "64"], runs=3, key="msg_per_s"),
     Workload("fanout", "fan-out 100 clients x 2,000 msgs",
-             ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
-             ["--clients", "100", "--messages", "2000", "--size", "64", "--procs", "2"],
+             ["--clients", "100", "--messages", "2000", "--size", "64"],
+             ["--clients", "100", "--messages", "2000", "--size", "64"],
              runs=5, key="deliveries_per_s", servers=("scalesocket", "websockets", "compiled"),
-             generators=("node",)),
+             generator_args={"node": ["--procs", "2"]}),
     Workload("fanout20k", "fan-out 100 clients x 20,000 msgs (sustained)",
-             ["--clients", "100", "--messages", "20000", "--size", "64", "--procs", "2"],
-             ["--clients", "100", "--messages", "5000", "--size", "64", "--procs", "2"],
+             ["--clients", "100", "--messages", "20000", "--size", "64"],
+             ["--clients", "100", "--messages", "5000", "--size", "64"],
              runs=1, key="deliveries_per_s", servers=("scalesocket", "websockets", "compiled"),
-             loadgen="fanout", generators=("node",)),
+             loadgen="fanout", generator_args={"node": ["--procs", "2"]}),
     Workload("big", "1 MiB text echo, 1 client",
              ["--count", "50", "--size", str(2**20)],
              ["--count", "20", "--size", str(2**20)], runs=3, key="mb_per_s"),
@@ -250,7 +259,7 @@ WORKLOADS = {w.name: w for w in [
              ["--count", "500", "--concurrency", "8"], runs=3, key="per_s"),
     Workload("idle", "idle connections in one room",
              ["--count", "10000", "--concurrency", "100"],
-             ["--count", "1000", "--concurrency", "100"], runs=1, key="opened", generators=("node",)),
+             ["--count", "1000", "--concurrency", "100"], runs=1, key="opened"),
     Workload("rooms", "new rooms: spawn + first round trip",
              ["--count", "500", "--concurrency", "4"],
              ["--count", "100", "--concurrency", "4"], runs=1, key="per_s"),
@@ -1016,7 +1025,9 @@ def summary(workload: Workload, r: dict) -> str:
     if workload.name == "rtt":
         return f"{f('msg_per_s', ',.0f')} msg/s p50 {f('p50_us', '.0f')} µs p99 {f('p99_us', '.0f')} µs" + cpu
     if workload.name.startswith("fanout"):
-        return f"{f('deliveries_per_s', ',.0f')} deliveries/s lost {f('lost')} out-of-order {f('out_of_order')}" + cpu
+        poller = f" (its poller {r['poller_cpu_pct']:.0f}%)" if r.get("poller_cpu_pct") is not None else ""
+        return (f"{f('deliveries_per_s', ',.0f')} deliveries/s lost {f('lost')} out-of-order {f('out_of_order')}"
+                + cpu + poller)
     if workload.name == "big":
         return f"{f('mb_per_s', '.1f')} MB/s bad {f('bad')}" + cpu
     if workload.name == "idle":
@@ -1273,6 +1284,10 @@ def choose_generators(names: list[str], prefer: str) -> list[str]:
                 + ("--loadgen node was asked" if prefer == "node" else "it cannot be had"))
             continue
         wl.generator = usable[0]
+        for i in range(0, len(wl.generator_args.get(wl.generator, [])), 2):
+            opt, value = wl.generator_args[wl.generator][i:i + 2]
+            wl.args = with_option(wl.args, opt[2:], value)
+            wl.quick_args = with_option(wl.quick_args, opt[2:], value)
         runnable.append(name)
     return runnable
 
@@ -1312,7 +1327,8 @@ def main() -> int:
     parser.add_argument("--scalesocket", metavar="FILE", default=SCALESOCKET,
                         help="the scalesocket.py to run (default: the repository's)")
     parser.add_argument("--loadgen", choices=("go", "node"), default="go",
-                        help="load generator for the workloads both have: rtt, big, handshake, rooms (default: go)")
+                        help="load generator (default: go; node for every workload but manyrooms, which"
+                             " only Go has; node is also what runs when Go cannot be had)")
     parser.add_argument("--rates", metavar="R[,...]",
                         help="manyrooms: the messages/s per client, step by step; the first is the reference rate"
                              f" (default: {','.join(f'{r:g}' for r in WORKLOADS['manyrooms'].rates)};"

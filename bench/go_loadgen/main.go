@@ -25,9 +25,15 @@
 //	           clients (see rawConn)
 //	rooms      --count distinct rooms, --concurrency at once (bare clients):
 //	           connect, send, get the echo, close
+//	fanout     --clients clients in one room (bare), one of them the sender of
+//	           --messages messages; see fanout
+//	idle       --count connections (bare) held in one room; see idle
 //	manyrooms  --rooms rooms of --clients bare clients each; see manyRooms
 //
-// manyrooms runs in steps, told on stdin (see manyRooms for the events).
+// fanout, idle and manyrooms read with a few poller threads (see poller),
+// not a goroutine per connection. idle waits for a line on stdin between
+// opening its connections and checking them; manyrooms runs in steps, told
+// on stdin (see manyRooms for the events).
 package main
 
 import (
@@ -66,6 +72,12 @@ type options struct {
 	concurrency int
 	anchor      bool
 	timeout     float64 // seconds
+	// fanout
+	messages int
+	window   int
+	// idle
+	broadcast bool
+	echo      bool
 	// manyrooms
 	rooms    int
 	clients  int     // per room
@@ -88,14 +100,18 @@ func parseOptions(workload string, args []string) (*options, error) {
 	fs.IntVar(&o.concurrency, "concurrency", 16, "connections opened at once")
 	fs.BoolVar(&o.anchor, "anchor", false, "handshake: keep a client in the room throughout")
 	fs.Float64Var(&o.timeout, "timeout", 60, "seconds until the run reports what it has")
+	fs.IntVar(&o.messages, "messages", 2000, "fanout: messages the sender sends")
+	fs.IntVar(&o.window, "window", 0, "fanout: at most this many of the sender's messages not back yet (0: all at once)")
+	fs.BoolVar(&o.broadcast, "broadcast", false, "idle: check that a message into the room reaches every connection")
+	fs.BoolVar(&o.echo, "echo", false, "idle: wait for each connection's echo once opened (no rooms: websocketd)")
 	fs.IntVar(&o.rooms, "rooms", 40, "manyrooms: rooms")
-	fs.IntVar(&o.clients, "clients", 25, "manyrooms: clients per room")
+	fs.IntVar(&o.clients, "clients", 25, "manyrooms: clients per room; fanout: clients in all, the sender too")
 	fs.Float64Var(&o.rate, "rate", 0, "manyrooms: messages/s per client for one step (0: read steps from stdin)")
 	fs.Float64Var(&o.duration, "duration", 3, "manyrooms: seconds measured per step")
 	fs.Float64Var(&o.settle, "settle", 1, "manyrooms: seconds at the new rate before the measurement")
 	fs.Float64Var(&o.drain, "drain", 3, "manyrooms: seconds at most to wait for the last messages of a step")
-	fs.IntVar(&o.pollers, "pollers", 1, "manyrooms: threads reading the clients' sockets")
-	fs.IntVar(&o.batch, "batch", 200, "manyrooms: µs a poller waits after a batch, for more to arrive")
+	fs.IntVar(&o.pollers, "pollers", 1, "fanout, idle, manyrooms: threads reading the clients' sockets")
+	fs.IntVar(&o.batch, "batch", 200, "fanout, idle, manyrooms: µs a poller waits after a batch, for more to arrive")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -651,7 +667,12 @@ type manyClient struct {
 	closed bool // its fd is closed
 	// Only its poller touches these.
 	pending []byte // the start of a frame not all arrived
-	hello   bool
+	hello   bool   // manyrooms: it had its room's hello; idle: a message
+	// fanout: the messages received, the next sequence number expected, those
+	// out of order, and when the last one expected arrived (Unix ns) and was
+	// handled (ns since the run's base)
+	received, next, outOfOrder int
+	last, lastHandled          int64
 }
 
 // poller is one thread waiting in epoll for its share of the clients.
@@ -668,8 +689,11 @@ type poller struct {
 	hellos       int64    // clients that had the hello of their room
 }
 
+// manyRun is a set of bare clients read by pollers: manyrooms' (see above);
+// fanout and idle use it too, with their own onText.
 type manyRun struct {
 	o       *options
+	onText  func(p *poller, c *manyClient, msg []byte, now, arrived int64) // a text message, on its poller
 	base    time.Time
 	rooms   [][]*manyClient // by room
 	all     []*manyClient   // by id
@@ -814,7 +838,7 @@ func (m *manyRun) readable(p *poller, c *manyClient, buf, oob []byte) {
 		}
 		switch opcode {
 		case websocket.TextMessage:
-			m.deliver(p, c, payload, now, arrived)
+			m.onText(p, c, payload, now, arrived)
 		case websocket.PingMessage:
 			c.write(websocket.PongMessage, payload)
 		case websocket.CloseMessage:
@@ -1066,7 +1090,7 @@ func (m *manyRun) connect() error {
 			defer wg.Done()
 			for j := range jobs {
 				id := j.room*o.clients + j.i
-				c, err := m.dial(o.roomURL(fmt.Sprintf("%s-%d", tag, j.room)), id)
+				c, err := m.dial(o.roomURL(fmt.Sprintf("%s-%d", tag, j.room)), id, nil)
 				if err != nil {
 					select {
 					case errs <- fmt.Errorf("room %d client %d: %s", j.room, j.i, errorKey(err)):
@@ -1094,8 +1118,9 @@ func (m *manyRun) connect() error {
 }
 
 // dial connects one client (with the net package), then takes its socket
-// (non-blocking, as net leaves it) for a poller.
-func (m *manyRun) dial(roomURL string, id int) (*manyClient, error) {
+// (non-blocking, as net leaves it) for a poller. prepare, if not nil, has
+// the connection first (idle's echo).
+func (m *manyRun) dial(roomURL string, id int, prepare func(rc *rawConn) error) (*manyClient, error) {
 	addr, request, err := upgradeRequest(roomURL)
 	if err != nil {
 		return nil, err
@@ -1105,6 +1130,11 @@ func (m *manyRun) dial(roomURL string, id int) (*manyClient, error) {
 		return nil, err
 	}
 	defer rc.conn.Close() // the duplicate below keeps the socket open
+	if prepare != nil {
+		if err := prepare(rc); err != nil {
+			return nil, err
+		}
+	}
 	raw, err := rc.conn.SyscallConn()
 	if err != nil {
 		return nil, err
@@ -1187,29 +1217,44 @@ func (m *manyRun) shutdown(pollers *sync.WaitGroup) {
 	}
 }
 
+func newManyRun(o *options, clients int) *manyRun {
+	return &manyRun{o: o, base: time.Now(), errors: map[string]int{}, all: make([]*manyClient, clients)}
+}
+
+// startPollers starts --pollers poller threads.
+func (m *manyRun) startPollers(pollers *sync.WaitGroup) error {
+	m.polling.Store(true)
+	for i := 0; i < m.o.pollers; i++ {
+		epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+		if err != nil {
+			m.polling.Store(false)
+			pollers.Wait()
+			return err
+		}
+		p := &poller{epfd: epfd}
+		m.pollers = append(m.pollers, p)
+		pollers.Add(1)
+		go m.poll(p, pollers)
+	}
+	return nil
+}
+
 func manyRooms(o *options) error {
 	if o.size < payloadHead || o.size > maxManySize || o.rooms < 1 || o.clients < 1 ||
 		o.clients*o.rooms > 999999 || o.duration <= 0 || o.pollers < 1 {
 		return fmt.Errorf("manyrooms wants %d <= --size <= %d, --rooms, --clients and --pollers >= 1"+
 			" (a million clients at most) and --duration > 0", payloadHead, maxManySize)
 	}
-	m := &manyRun{o: o, base: time.Now(), errors: map[string]int{}, all: make([]*manyClient, o.rooms*o.clients)}
+	m := newManyRun(o, o.rooms*o.clients)
+	m.onText = m.deliver
 	m.t1.Store(-1) // no window yet
 	m.rooms = make([][]*manyClient, o.rooms)
 	for room := range m.rooms {
 		m.rooms[room] = make([]*manyClient, o.clients)
 	}
 	var pollers sync.WaitGroup
-	m.polling.Store(true)
-	for i := 0; i < o.pollers; i++ {
-		epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
-		if err != nil {
-			return err
-		}
-		p := &poller{epfd: epfd}
-		m.pollers = append(m.pollers, p)
-		pollers.Add(1)
-		go m.poll(p, &pollers)
+	if err := m.startPollers(&pollers); err != nil {
+		return err
 	}
 	t := time.Now()
 	err := m.connect()
@@ -1262,9 +1307,402 @@ func manyRooms(o *options) error {
 	return nil
 }
 
+// --------------------------------------------------------------------------
+// fanout: --clients bare clients in one room; the last to join, the sender,
+// sends --messages messages of --size bytes (each headed by its sequence
+// number, 9 digits) at once (or, with --window N, N at most not back yet);
+// the room's child echoes each to every client, the sender too. Each client
+// counts what it gets and checks the order; its last message's arrival is
+// the kernel's timestamp (SO_TIMESTAMPNS), so the pollers' pauses (see
+// poller) do not count. Figures, as loadgen.js's: deliveries/s (clients ×
+// messages received, over the time from the first send to the arrival of
+// the last client's last message; or until the deadline, if some never got
+// them all), lost and out-of-order messages, clients closed early; and the
+// busiest poller thread's CPU during the run.
+// --------------------------------------------------------------------------
+
+const seqDigits = 9 // the sequence number at the head of a fanout message
+
+type fanRun struct {
+	*manyRun
+	sender      *manyClient
+	ownReceived atomic.Int64  // the sender's messages back at the sender (--window)
+	complete    atomic.Int64  // clients that have all the messages
+	done        chan struct{} // closed when every client has them all
+}
+
+// receive accounts for a message at a client (on its poller).
+func (f *fanRun) receive(p *poller, c *manyClient, msg []byte, now, arrived int64) {
+	seq := -1
+	if len(msg) >= seqDigits {
+		seq = int(digits(msg[:seqDigits]))
+	}
+	if seq != c.next {
+		c.outOfOrder++
+	}
+	c.next = seq + 1
+	c.received++
+	if c == f.sender {
+		f.ownReceived.Add(1)
+	}
+	if c.received == f.o.messages {
+		c.last, c.lastHandled = arrived, now
+		if f.complete.Add(1) == int64(len(f.all)) {
+			close(f.done)
+		}
+	}
+}
+
+// dialMany connects the clients ids (--concurrency at once), each to
+// roomURL(id), until the deadline; returns how many connected, how many
+// failed and why.
+func (m *manyRun) dialMany(ids []int, roomURL func(id int) string, prepare func(rc *rawConn) error,
+	deadline time.Time) (opened, failed int, errs map[string]int) {
+	jobs := make(chan int)
+	var mu sync.Mutex
+	errs = map[string]int{}
+	var wg sync.WaitGroup
+	for w := 0; w < m.o.concurrency; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for id := range jobs {
+				_, err := m.dial(roomURL(id), id, prepare)
+				mu.Lock()
+				if err == nil {
+					opened++
+				} else {
+					failed++
+					errs[errorKey(err)]++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	for _, id := range ids {
+		if time.Now().After(deadline) {
+			break
+		}
+		jobs <- id
+	}
+	close(jobs)
+	wg.Wait()
+	return
+}
+
+// pollerCPU is the CPU time of each poller thread so far, in seconds.
+func (m *manyRun) pollerCPU() []float64 {
+	cpu := make([]float64, len(m.pollers))
+	for i, p := range m.pollers {
+		cpu[i] = threadCPU(p.tid.Load())
+	}
+	return cpu
+}
+
+// busiestPoller is the busiest poller's CPU between two pollerCPU readings, in % of one core.
+func busiestPoller(a, b []float64, secs float64) float64 {
+	busiest := 0.0
+	for i := range b {
+		busiest = math.Max(busiest, 100*(b[i]-a[i])/math.Max(secs, 1e-9))
+	}
+	return busiest
+}
+
+// writeAll writes b whole on a client's non-blocking socket, waiting in epoll
+// (ep: the socket registered for EPOLLOUT) while it is full, until the deadline.
+func (c *manyClient) writeAll(ep int, b []byte, deadline time.Time) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed {
+		return errors.New("closed")
+	}
+	events := make([]syscall.EpollEvent, 1)
+	for len(b) > 0 {
+		n, err := syscall.Write(c.fd, b)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			left := time.Until(deadline)
+			if left <= 0 {
+				return errors.New("timeout: the server does not read")
+			}
+			syscall.EpollWait(ep, events, int(math.Min(100, math.Ceil(float64(left)/1e6))))
+			continue
+		case err != nil:
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+func fanout(o *options) error {
+	if o.clients < 1 || o.messages < 1 || o.size < seqDigits || o.size > maxManySize || o.pollers < 1 ||
+		o.concurrency < 1 {
+		return fmt.Errorf("fanout wants --clients, --messages, --pollers, --concurrency >= 1 and"+
+			" %d <= --size <= %d", seqDigits, maxManySize)
+	}
+	deadline := o.deadline()
+	f := &fanRun{manyRun: newManyRun(o, o.clients), done: make(chan struct{})}
+	m := f.manyRun
+	m.onText = f.receive
+	var pollers sync.WaitGroup
+	if err := m.startPollers(&pollers); err != nil {
+		return err
+	}
+	defer m.shutdown(&pollers)
+	url := o.roomURL(o.room)
+	roomURL := func(int) string { return url }
+	receivers := make([]int, o.clients-1) // ids 1..clients-1; the sender is 0
+	for i := range receivers {
+		receivers[i] = i + 1
+	}
+	if opened, _, errs := m.dialMany(receivers, roomURL, nil, deadline); opened < len(receivers) {
+		return fmt.Errorf("%d of %d receivers could not connect in time: %v", len(receivers)-opened,
+			len(receivers), errs)
+	}
+	// Every receiver is in the room before the first message: the sender joins last.
+	if opened, _, errs := m.dialMany([]int{0}, roomURL, nil, deadline); opened < 1 {
+		return fmt.Errorf("the sender could not connect in time: %v", errs)
+	}
+	f.sender = m.all[0]
+	ep, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(ep)
+	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, f.sender.fd,
+		&syscall.EpollEvent{Events: syscall.EPOLLOUT}); err != nil {
+		return err
+	}
+
+	cpu0 := m.pollerCPU()
+	emit("begin", map[string]any{"pids": pids(), "cpu_s": ownCPU()})
+	t0 := time.Now()
+	window := o.window
+	if window <= 0 {
+		window = o.messages
+	}
+	// The frames go out in batches of 64 KiB at most, one write each.
+	msg := payload(o.size)
+	batch := make([]byte, 0, 64<<10+o.size+14)
+	var sendErr error
+	flush := func() {
+		if len(batch) > 0 && sendErr == nil {
+			sendErr = f.sender.writeAll(ep, batch, deadline)
+		}
+		batch = batch[:0]
+	}
+	for seq := 0; seq < o.messages && sendErr == nil; seq++ {
+		if int64(seq)-f.ownReceived.Load() >= int64(window) {
+			flush()
+			for int64(seq)-f.ownReceived.Load() >= int64(window) && time.Now().Before(deadline) &&
+				!f.sender.dead.Load() {
+				time.Sleep(20 * time.Microsecond)
+			}
+		}
+		putSeq(msg, seq)
+		batch = appendFrame(batch, websocket.TextMessage, f.sender.mask, msg)
+		if len(batch) >= 64<<10 {
+			flush()
+		}
+	}
+	flush()
+	if sendErr != nil {
+		m.fail(f.sender, "write: "+errorKey(sendErr))
+	}
+
+	// Until every client has them all, the deadline, or no client that lacks
+	// some is still connected.
+	check := time.NewTicker(50 * time.Millisecond)
+	ok := false
+wait:
+	for {
+		select {
+		case <-f.done:
+			ok = true
+			break wait
+		case <-check.C:
+			if time.Now().After(deadline) {
+				break wait
+			}
+			waiting := false
+			for _, p := range m.pollers {
+				p.mu.Lock()
+			}
+			for _, c := range m.all {
+				if c.received < o.messages && !c.dead.Load() {
+					waiting = true
+				}
+			}
+			for _, p := range m.pollers {
+				p.mu.Unlock()
+			}
+			if !waiting {
+				break wait
+			}
+		}
+	}
+	check.Stop()
+	end := time.Now()
+	cpu1 := m.pollerCPU()
+	cpu := ownCPU()
+
+	for _, p := range m.pollers {
+		p.mu.Lock()
+	}
+	received, outOfOrder, last, handled := 0, 0, int64(0), int64(0)
+	for _, c := range m.all {
+		received += c.received
+		outOfOrder += c.outOfOrder
+		last, handled = max64(last, c.last), max64(handled, c.lastHandled)
+	}
+	for _, p := range m.pollers {
+		p.mu.Unlock()
+	}
+	m.errMu.Lock()
+	closed, errs := m.closed, m.errors
+	m.errMu.Unlock()
+	// Until the last client had them all; or, if some never did, until now.
+	elapsed, handledS := end.Sub(t0).Seconds(), any(nil)
+	if ok {
+		elapsed = float64(last-t0.UnixNano()) / 1e9
+		handledS = float64(handled-t0.Sub(m.base).Nanoseconds()) / 1e9
+	}
+	expected := o.clients * o.messages
+	emit("end", map[string]any{
+		"clients": o.clients, "expected": expected, "received": received, "lost": expected - received,
+		"out_of_order": outOfOrder, "closed_early": closed, "errors": errs, "elapsed": elapsed,
+		// Until the last message was handled here, not in the socket: the
+		// pollers' pauses and delays count in it (for comparison).
+		"handled_s":        handledS,
+		"deliveries_per_s": perSecond(float64(received), elapsed), "timeout": !ok && time.Now().After(deadline),
+		"cpu_s": cpu,
+		// The load generator's busiest poller thread, in % of one core: near
+		// 100%, the load generator may be what limits (more --pollers).
+		"poller_cpu_pct": busiestPoller(cpu0, cpu1, end.Sub(t0).Seconds()),
+	})
+	return nil
+}
+
+// --------------------------------------------------------------------------
+// idle: --count bare clients connect to one room (--concurrency at once)
+// and stay. Events: {"ev":"begin"} before the first connects, then
+// {"ev":"opened","opened":N,"failed":N,"errors":{...},"open_s":S} once all
+// have tried; then (bench.py reads the server's memory meanwhile) a line on
+// stdin (or its end, or the deadline) has it count the connections still
+// open ("held") and, with --broadcast, send one message from the first of
+// them into the room and count those it reaches in 20 s ("reached"); then
+// {"ev":"end",...} with all that, and it drops the connections (no close
+// handshake, as loadgen.js). With --echo (a server without rooms, e.g.
+// websocketd: a child per connection), each connection sends a message and
+// waits for its echo (10 s at most) before it counts as opened.
+// --------------------------------------------------------------------------
+
+func idle(o *options) error {
+	if o.count < 1 || o.pollers < 1 || o.concurrency < 1 {
+		return errors.New("idle wants --count, --pollers and --concurrency >= 1")
+	}
+	deadline := o.deadline()
+	m := newManyRun(o, o.count)
+	m.onText = func(p *poller, c *manyClient, msg []byte, now, arrived int64) {
+		if !c.hello {
+			c.hello = true
+			p.hellos++
+		}
+	}
+	var pollers sync.WaitGroup
+	if err := m.startPollers(&pollers); err != nil {
+		return err
+	}
+	var prepare func(rc *rawConn) error
+	if o.echo {
+		hello := []byte("hello")
+		prepare = func(rc *rawConn) error {
+			rc.conn.SetDeadline(time.Now().Add(stepTimeout))
+			if err := rc.writeFrame(websocket.TextMessage, hello); err != nil {
+				return err
+			}
+			opcode, echo, err := rc.readFrame()
+			if err != nil {
+				return fmt.Errorf("echo: %s", errorKey(err))
+			}
+			if opcode != websocket.TextMessage || !bytes.Equal(echo, hello) {
+				return errors.New("bad echo")
+			}
+			return nil
+		}
+	}
+	ids := make([]int, o.count)
+	for i := range ids {
+		ids[i] = i
+	}
+	url := o.roomURL(o.room)
+	emit("begin", map[string]any{"pids": pids(), "cpu_s": ownCPU()})
+	t0 := time.Now()
+	opened, failed, errs := m.dialMany(ids, func(int) string { return url }, prepare, deadline)
+	openElapsed := time.Since(t0).Seconds()
+	emit("opened", map[string]any{"opened": opened, "failed": failed, "errors": errs, "open_s": openElapsed})
+
+	line := make(chan struct{}, 1)
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n') // a line, or the end of stdin
+		line <- struct{}{}
+	}()
+	select {
+	case <-line:
+	case <-time.After(time.Until(deadline)):
+	}
+	held := 0
+	var first *manyClient
+	for _, c := range m.all {
+		if c != nil && !c.dead.Load() {
+			held++
+			if first == nil {
+				first = c
+			}
+		}
+	}
+	var reached any
+	if o.broadcast && first != nil {
+		// One message into the room must reach every connection held.
+		if err := first.write(websocket.TextMessage, []byte("hello everyone")); err != nil {
+			errs["broadcast: "+errorKey(err)]++
+		}
+		var hellos int64
+		for give := time.Now().Add(20 * time.Second); time.Now().Before(give); {
+			_, _, _, _, hellos, _ = m.figures(false)
+			if hellos >= int64(held) {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		reached = hellos
+	}
+	m.errMu.Lock()
+	closed := m.closed
+	for k, v := range m.errors {
+		errs[k] += v
+	}
+	m.errMu.Unlock()
+	emit("end", map[string]any{"requested": o.count, "opened": opened, "failed": failed, "held": held,
+		"closed": closed, "reached": reached, "errors": errs, "open_s": openElapsed, "cpu_s": ownCPU()})
+	// Drop the connections (as loadgen.js's terminate): no close handshake.
+	m.closing.Store(true)
+	m.polling.Store(false)
+	pollers.Wait()
+	for _, c := range m.all {
+		if c != nil {
+			m.closeFd(c)
+		}
+	}
+	return nil
+}
+
 func main() {
 	if len(os.Args) < 2 || strings.HasPrefix(os.Args[1], "-") {
-		fmt.Fprintln(os.Stderr, "usage: bench-loadgen rtt|big|handshake|rooms|manyrooms --url ws://HOST:PORT [options]")
+		fmt.Fprintln(os.Stderr, "usage: bench-loadgen rtt|big|handshake|rooms|fanout|idle|manyrooms --url ws://HOST:PORT [options]")
 		os.Exit(2)
 	}
 	workload := os.Args[1]
@@ -1284,6 +1722,8 @@ func main() {
 		"big":       func() error { return sequential(o, min(o.warmup, 2)) },
 		"handshake": func() error { return handshake(o) },
 		"rooms":     func() error { return rooms(o) },
+		"fanout":    func() error { return fanout(o) },
+		"idle":      func() error { return idle(o) },
 		"manyrooms": func() error { return manyRooms(o) },
 	}[workload]
 	if run == nil {
