@@ -82,7 +82,9 @@ Workloads:
 6. rooms      500 distinct rooms, 4 at once, each: connect, send, get the
               echo, close (a child spawned and stopped per room): rooms/s.
 7. manyrooms  40 rooms × 25 clients (bare, connected once for all the
-              steps), each room with its ``cat``; every client sends 64 B
+              steps), each room with its ``cat``; the rooms are room0 to
+              room39 in every run, so with --workers each worker owns the
+              same rooms every time (19 and 21 of them with two); every client sends 64 B
               messages at a fixed rate, each broadcast by the room's cat to
               the 25 clients of the room (the sender too) and carrying its
               send time. The rate goes up step by step (--rates, messages/s
@@ -264,10 +266,10 @@ WORKLOADS = {w.name: w for w in [
              ["--count", "500", "--concurrency", "4"],
              ["--count", "100", "--concurrency", "4"], runs=1, key="per_s"),
     Workload("manyrooms", "40 rooms x 25 clients, rate raised to saturation",
-             ["--rooms", "40", "--clients", "25", "--size", "64", "--settle", "1", "--duration", "3",
-              "--drain", "3", "--concurrency", "16"],
-             ["--rooms", "40", "--clients", "25", "--size", "64", "--settle", "0.5", "--duration", "2",
-              "--drain", "3", "--concurrency", "16"],
+             ["--rooms", "40", "--clients", "25", "--room", "room", "--size", "64", "--settle", "1",
+              "--duration", "3", "--drain", "3", "--concurrency", "16"],
+             ["--rooms", "40", "--clients", "25", "--room", "room", "--size", "64", "--settle", "0.5",
+              "--duration", "2", "--drain", "3", "--concurrency", "16"],
              runs=1, key="deliveries_per_s", servers=("scalesocket", "websockets", "compiled"),
              generators=("go",), timeout=150,
              rates=(1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),

@@ -1079,7 +1079,9 @@ func (m *manyRun) runStep(rate float64) map[string]any {
 // over to a poller.
 func (m *manyRun) connect() error {
 	o := m.o
-	tag := fmt.Sprintf("%s-%d", o.room, os.Getpid())
+	// Fixed names (room0, room1, ...), the same every run: which worker of
+	// scalesocket.py --workers owns a room depends on its name alone, so a
+	// run is repeatable (a fresh server is started for each run).
 	type job struct{ room, i int }
 	jobs := make(chan job)
 	errs := make(chan error, o.concurrency)
@@ -1090,7 +1092,7 @@ func (m *manyRun) connect() error {
 			defer wg.Done()
 			for j := range jobs {
 				id := j.room*o.clients + j.i
-				c, err := m.dial(o.roomURL(fmt.Sprintf("%s-%d", tag, j.room)), id, nil)
+				c, err := m.dial(o.roomURL(fmt.Sprintf("%s%d", o.room, j.room)), id, nil)
 				if err != nil {
 					select {
 					case errs <- fmt.Errorf("room %d client %d: %s", j.room, j.i, errorKey(err)):
