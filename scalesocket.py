@@ -3736,9 +3736,14 @@ def _run_worker(config: Config, worker: Worker) -> int:
 
 
 def open_files_needed(config: Config) -> int:
-    """Return about how many descriptors a full server needs: one a client, FDS_PER_ROOM a room."""
+    """Return about how many descriptors one process of a full server needs.
+
+    One a client, FDS_PER_ROOM a room; with --workers, each process holds its
+    share of them (each has a descriptor table of its own).
+    """
     rooms = config.max_rooms or config.max_clients  # each client may open a room of its own
-    return config.max_clients + FDS_PER_ROOM * min(rooms, config.max_clients) + RESERVED_FDS
+    share = -(-(config.max_clients + FDS_PER_ROOM * min(rooms, config.max_clients)) // config.workers)
+    return share + RESERVED_FDS
 
 
 def raise_open_file_limit(config: Config) -> None:
