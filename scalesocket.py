@@ -1340,10 +1340,10 @@ def open_pty() -> tuple[int, int]:
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):
-    """Hand a child process's events to its room as they happen.
+    """Hand a child process's events to its room: its input's flow, its exit, what it logs.
 
-    Output on stdout (unless --tcp) goes to the room as it is read, with no
-    task or queue in between; other output is logged. ``exited`` is done when
+    Its output is read elsewhere (``_StreamProtocol``); what comes through
+    here (stderr, or stdout with --tcp) is logged. ``exited`` is done when
     the child exits, whoever still holds its pipes.
     """
 
@@ -1351,18 +1351,12 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         self.child = child
         self.room = child.room
         self.exited = loop.create_future()
-        self.output_fd = None if child.config.tcp or child.config.pty else 1
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == self.output_fd:
-            self.room.output_received(data)
-        else:
-            self.child.log_received(fd, data)
+        self.child.log_received(fd, data)  # stderr, or stdout with --tcp
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == self.output_fd:
-            self.room.output_ended()
-        elif fd == 0:
+        if fd == 0:
             self.room.input_resumed()  # nothing more can be written: no one waits for it
 
     def process_exited(self) -> None:
@@ -1377,7 +1371,7 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
 
 
 class _StreamProtocol(asyncio.Protocol):
-    """Hand the events of a child's TCP connection (--tcp) or terminal (--pty) to its room."""
+    """Hand what a child writes (its stdout pipe, TCP connection or terminal) to its room, as it is read."""
 
     def __init__(self, room: Room, output: bool = True) -> None:
         self.room = room
@@ -1452,6 +1446,10 @@ class Child:
             except OSError as exc:  # no /dev/pts in a minimal container, or the system's limit reached
                 raise ProcessSpawnError(f"cannot start {config.cmd}: no terminal available ({exc.strerror or exc})") from None
             stdout = stderr = stdin  # all three on the terminal, as in a terminal window
+        else:
+            # stdout on a pipe of our own: asyncio's subprocess transport hands
+            # each read over with call_soon, one more event-loop turn a read.
+            output, stdout = os.pipe()
         try:
             transport, protocol = await loop.subprocess_exec(
                 lambda: _ChildProtocol(self, loop),
@@ -1470,10 +1468,14 @@ class Child:
             self._release_port()
             if config.pty:
                 os.close(master)
+            elif not config.tcp:
+                os.close(output)
             raise ProcessSpawnError(f"cannot start {config.cmd}: {exc.strerror or exc}") from None
         finally:
             if config.pty:
                 os.close(stdin)  # the child has its own copy of the terminal's side
+            elif not config.tcp:
+                os.close(stdout)  # and of its output pipe's
         self._transport = transport
         self.pid = transport.get_pid()
         self.exited = protocol.exited
@@ -1490,7 +1492,9 @@ class Child:
             self._input, _ = await loop.connect_write_pipe(
                 lambda: _StreamProtocol(self.room, output=False), os.fdopen(os.dup(master), "wb", buffering=0))
         else:
-            self._input, self._output = transport.get_pipe_transport(0), transport.get_pipe_transport(1)
+            self._input = transport.get_pipe_transport(0)
+            self._output, _ = await loop.connect_read_pipe(
+                lambda: _StreamProtocol(self.room), os.fdopen(output, "rb", buffering=0))
         self._input.set_write_buffer_limits(high=CHILD_HIGH_WATER)
         self._tasks.append(loop.create_task(self._watch_exit(self._output)))
 
