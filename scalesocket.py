@@ -2928,11 +2928,6 @@ def _processes() -> dict[int, tuple[int, int]]:
     return found
 
 
-def _children_of(parent: int) -> list[int]:
-    """Return the pids whose parent is ``parent`` (Linux /proc; elsewhere none)."""
-    return [pid for pid, (ppid, _) in _processes().items() if ppid == parent]
-
-
 def _kill_group(pid: int, signum: int) -> None:
     """Signal a child's process group (it leads one), or the process alone if it does not."""
     try:

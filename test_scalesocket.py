@@ -3279,10 +3279,15 @@ def test_proxy_sets_x_forwarded_for_drops_forwarded_keeps_host(kind):
 PID_ECHO = "import os\nprint(os.getpid(), flush=True)\n" + ECHO  # says its pid, then echoes
 
 
+def _children_of(parent: int) -> list[int]:
+    """The pids whose parent is ``parent`` (Linux /proc)."""
+    return [pid for pid, (ppid, _) in ss._processes().items() if ppid == parent]
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc)."""
     found = []
-    for child in ss._children_of(pid):
+    for child in _children_of(pid):
         found += [child, *_descendants(child)]
     return found
 
@@ -3402,8 +3407,8 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
             client = ws_connect("127.0.0.1", server.port, f"/room{i}")
             rooms[f"room{i}"] = (client, int(client.recv_text()))
         before = counters()
-        worker_pids = ss._children_of(server.proc.pid)
-        parent = {pid: ss._children_of(pid) for pid in worker_pids}
+        worker_pids = _children_of(server.proc.pid)
+        parent = {pid: _children_of(pid) for pid in worker_pids}
         victim = next(pid for pid in worker_pids if parent[pid])  # a worker with rooms
         lost = {room for room, (_, child) in rooms.items() if child in parent[victim]}
         os.kill(victim, signal.SIGKILL)
@@ -3411,8 +3416,8 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
             if room in lost:
                 assert client.recv_close()[0] == 1006  # the TCP connection ended: no close frame was possible
                 wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what=f"child {child} reaped")
-        wait_until(lambda: len(ss._children_of(server.proc.pid)) == 3, what="a new worker")
-        assert victim not in ss._children_of(server.proc.pid)
+        wait_until(lambda: len(_children_of(server.proc.pid)) == 3, what="a new worker")
+        assert victim not in _children_of(server.proc.pid)
         # The server-wide counters live in the supervisor's memory: they never go back, and the
         # children it stopped for the dead worker count as stopped.
         assert counters() == {**before, "children_stopped": before["children_stopped"] + len(lost)}
@@ -3438,13 +3443,13 @@ def test_worker_that_keeps_dying_is_restarted_with_a_backoff():
     server = CLIServer("--workers", "2", "cat")
     try:
         for _ in range(3):
-            wait_until(lambda: len(ss._children_of(server.proc.pid)) == 2, what="two workers")
-            newest = max(ss._children_of(server.proc.pid))  # the same worker each time: the one last started
+            wait_until(lambda: len(_children_of(server.proc.pid)) == 2, what="two workers")
+            newest = max(_children_of(server.proc.pid))  # the same worker each time: the one last started
             os.kill(newest, signal.SIGKILL)
-            wait_until(lambda: newest not in ss._children_of(server.proc.pid), what="the worker gone")
+            wait_until(lambda: newest not in _children_of(server.proc.pid), what="the worker gone")
         wait_until(lambda: any("3 times in a row within 10 s of starting: next start in 1 s" in line
                                for line in server.lines), what="the backoff line")
-        wait_until(lambda: len(ss._children_of(server.proc.pid)) == 2, what="the worker back after its wait")
+        wait_until(lambda: len(_children_of(server.proc.pid)) == 2, what="the worker back after its wait")
         assert http_request(server.port, "/health")[0] == 200
     finally:
         assert server.stop() == 0
@@ -3466,7 +3471,7 @@ def test_worker_death_stops_a_stubborn_child_and_the_supervisor_lives_on():
     try:
         client = ws_connect("127.0.0.1", server.port, "/room0")
         child = int(client.recv_text())
-        worker = next(pid for pid in ss._children_of(server.proc.pid) if child in ss._children_of(pid))
+        worker = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what="the orphan SIGKILLed and reaped")
         assert http_request(server.port, "/health")[0] == 200
@@ -3485,9 +3490,9 @@ def test_worker_death_spares_what_other_workers_rooms_started():
     try:
         client = ws_connect("127.0.0.1", server.port, f"/{room}")
         child = int(client.recv_text())
-        sleeper = next(pid for pid in ss._children_of(server.proc.pid) if _command(pid).startswith("sleep"))
-        owner = next(pid for pid in ss._children_of(server.proc.pid) if child in ss._children_of(pid))
-        idle = next(pid for pid in ss._children_of(server.proc.pid) if pid not in (owner, sleeper))
+        sleeper = next(pid for pid in _children_of(server.proc.pid) if _command(pid).startswith("sleep"))
+        owner = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
+        idle = next(pid for pid in _children_of(server.proc.pid) if pid not in (owner, sleeper))
         os.kill(idle, signal.SIGKILL)
         wait_until(lambda: any(f"(pid {idle}) was killed by signal 9" in line for line in server.lines),
                    what="the supervisor to handle the death")  # its orphans were signalled before this line
