@@ -2792,13 +2792,14 @@ def test_sigterm_closes_clients_1001_and_reaps_children():
         server.stop()
 
 
-def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children():
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(workers):
     """SIGTERM with 50 clients that never read or answer and children that trap SIGTERM: 1001 to
     every client at once, SIGKILL to the children after their grace, exit 0 within 3 s; a client
-    that answers still gets a clean closing handshake."""
+    that answers still gets a clean closing handshake. The same with two workers."""
     stubborn = ("import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                 "print(os.getpid(), flush=True)\nsys.stdin.read()\nimport time\ntime.sleep(60)")
-    server = CLIServer(*py_child(stubborn))
+    server = CLIServer("--workers", workers, *py_child(stubborn))
     try:
         polite = ws_connect("127.0.0.1", server.port, "/room0")
         pids = {int(polite.recv_text())}
