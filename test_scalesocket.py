@@ -3305,6 +3305,12 @@ def _cats(server: CLIServer) -> list[int]:
     return [pid for pid in _descendants(server.proc.pid) if _command(pid).startswith("cat")]
 
 
+def _first_lines(port: int, rooms: int) -> tuple[list[WSClient], list[int]]:
+    """One client in each of room0..room{rooms-1}; return them and the number each child said first."""
+    clients = [ws_connect("127.0.0.1", port, f"/room{i}") for i in range(rooms)]
+    return clients, [int(client.recv_text()) for client in clients]
+
+
 def _join_room(port: int, room: str, clients: int) -> tuple[list[WSClient], list[int]]:
     """Connect ``clients`` to a --json room one by one, each after its own Join came back; return them and their ids."""
     joined, ids = [], []
@@ -3534,11 +3540,7 @@ def test_workers_sigterm_closes_every_client_1001_and_exits_0():
     """SIGTERM to a server of 2 workers: 1001 to every client of every worker, every child reaped, exit 0."""
     server = CLIServer("--workers", "2", *py_child(PID_ECHO))
     try:
-        clients, children = [], []
-        for i in range(8):
-            client = ws_connect("127.0.0.1", server.port, f"/room{i}")
-            children.append(int(client.recv_text()))
-            clients.append(client)
+        clients, children = _first_lines(server.port, 8)
         parents = {int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1]) for pid in children}
         assert len(parents) == 2  # rooms on both workers
         server.proc.send_signal(signal.SIGTERM)
@@ -3559,11 +3561,7 @@ def test_workers_log_their_index_and_split_the_tcp_ports():
     start = random.randint(20000, 32000)  # below the ephemeral ports of other connections
     server = CLIServer("--workers", "2", "--log", "json", "--tcp", f"--tcpports={start}:{start + 11}", *py_child(port_child))
     try:
-        clients, ports = [], []
-        for i in range(8):
-            client = ws_connect("127.0.0.1", server.port, f"/room{i}")
-            ports.append(int(client.recv_text()))
-            clients.append(client)
+        clients, ports = _first_lines(server.port, 8)
         assert len(set(ports)) == 8 and all(start <= port <= start + 11 for port in ports)
         for client in clients:
             client.close()
