@@ -26,6 +26,7 @@ import email.utils
 import enum
 import fcntl
 import hashlib
+import html
 import http
 import ipaddress
 import json
@@ -51,7 +52,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "__version__",
@@ -147,10 +148,12 @@ class HTTPError(ScaleSocketError):
 
     status = 500
 
-    def __init__(self, reason: str = "", headers: list[tuple[str, str]] | None = None, status: int | None = None) -> None:
+    def __init__(self, reason: str = "", headers: list[tuple[str, str]] | None = None, status: int | None = None,
+                 html: bytes | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.headers = headers or []
+        self.html = html  # a page for a browser, instead of the reason as text
         if status is not None:
             self.status = status
 
@@ -783,6 +786,18 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters but tab, CR and LF
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+
+
+def printable(text: str) -> str:
+    """Return ``text`` with control characters and backslashes escaped (``\\x1b``, ``\\\\``).
+
+    For log lines: what a client sends can never start a new line or drive
+    the terminal that shows the log.
+    """
+    return _UNPRINTABLE.sub(lambda m: "\\\\" if m.group() == "\\" else f"\\x{ord(m.group()):02x}", text)
+
+
 @dataclass
 class Request:
     """An HTTP request head; header names are lower-case."""
@@ -863,8 +878,11 @@ def render_response(status: int, headers: list[tuple[str, str]] = (), body: byte
 
 def error_response(exc: HTTPError, *, head_only: bool = False) -> bytes:
     """Return the response for an HTTPError: its status, headers and reason."""
-    body = f"{exc.status} {http.HTTPStatus(exc.status).phrase}: {exc.reason}\n".encode("utf-8")
-    headers = exc.headers + [("Content-Type", "text/plain; charset=utf-8")]
+    if exc.html is not None:
+        body, ctype = exc.html, "text/html; charset=utf-8"
+    else:
+        body, ctype = f"{exc.status} {http.HTTPStatus(exc.status).phrase}: {exc.reason}\n".encode("utf-8"), "text/plain; charset=utf-8"
+    headers = exc.headers + [("Content-Type", ctype)]
     return render_response(exc.status, headers, b"" if head_only else body, length=len(body))
 
 
@@ -1628,6 +1646,7 @@ class Room:
         self.starting: asyncio.Task | None = None
         self.failure: str | None = None  # why the server stopped the child, if it did
         self.stats = collections.Counter()  # connections, messages and bytes in and out
+        self.opened = time.time()  # for /api/rooms?details
         self._held: list[bytes] | None = []  # output read before the first client is in
         self._output_done = False
         self._report: asyncio.Task | None = None  # tells the hub when the child has exited
@@ -2071,7 +2090,7 @@ class Hub:
     def state(self) -> dict:
         """Return this hub's rooms and counters as plain data (JSON), for /metrics and /api."""
         rooms = [{"name": room.name, "connections": len(room.clients), "metadata": room.metadata,
-                  "stats": dict(room.stats)} for room in self.rooms.values()]
+                  "stats": dict(room.stats), "opened": room.opened} for room in self.rooms.values()]
         return {"rooms": rooms}
 
     async def shutdown(self) -> None:
@@ -2421,21 +2440,26 @@ def render_openmetrics(states: list[dict], totals: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _room_info(room: dict) -> dict:
-    return {"name": room["name"], "connections": room["connections"], "metadata": room["metadata"]}
+def _room_info(room: dict, details: bool = False) -> dict:
+    info = {"name": room["name"], "connections": room["connections"], "metadata": room["metadata"]}
+    if details:  # for the /api/ page: since when, and the room's counters
+        info["opened"] = room["opened"]
+        info["open_seconds"] = round(max(0.0, time.time() - room["opened"]), 1)
+    return info
 
 
-def api_response(states: list[dict], path: str):
+def api_response(states: list[dict], path: str, details: bool = False):
     """Return the JSON value for an /api/ path (rooms, a room, its count or metadata).
 
-    ``states`` as for ``render_openmetrics``.
+    ``states`` as for ``render_openmetrics``; ``details`` (``/api/rooms?details``)
+    adds to each room when it opened and for how long it has been open.
 
     Raises:
         NotFound: no such route, or no such room open.
     """
     rooms = {room["name"]: room for state in states for room in state["rooms"]}
     if path == "/api/rooms":
-        return [_room_info(rooms[name]) for name in sorted(rooms)]
+        return [_room_info(rooms[name], details) for name in sorted(rooms)]
     parts = path.split("/")
     if len(parts) in (3, 4) and parts[1] == "api" and parts[2]:
         room = rooms.get(urllib.parse.unquote(parts[2]))
@@ -3021,6 +3045,162 @@ connect();
 """
 
 
+API_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>scalesocket.py rooms</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; }
+table { border-collapse: collapse; min-width: 40em; }
+th, td { text-align: left; padding: .3em .8em; border-bottom: 1px solid #ddd; vertical-align: top; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.meta { font: 12px ui-monospace, monospace; white-space: pre-wrap; max-width: 40em; }
+#totals { display: flex; gap: 2em; margin: 1em 0; }
+#totals div { font-size: 1.6em; } #totals span { display: block; font-size: .55em; color: #666; }
+#status { color: #888; }
+</style>
+</head>
+<body>
+<h1>Rooms</h1>
+<p id="status">loading...</p>
+<div id="totals" hidden>
+<div><b id="clients">-</b><span>clients</span></div>
+<div><b id="open">-</b><span>rooms</span></div>
+<div><b id="in">-</b><span>messages in / s</span></div>
+<div><b id="out">-</b><span>messages out / s</span></div>
+</div>
+<table>
+<thead><tr><th>room</th><th>connections</th><th>open for</th><th>metadata</th></tr></thead>
+<tbody id="rooms"></tbody>
+</table>
+<script>
+"use strict";
+const METRICS = {metrics};  // the server's /metrics is on
+const $ = (id) => document.getElementById(id);
+let before = null;  // the last /metrics sample: {time, in: {room: count}, out: {room: count}}
+function age(seconds) {
+  const s = Math.floor(seconds);
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+}
+function cell(row, text, kind) {
+  const td = document.createElement("td");
+  td.textContent = text;  // never HTML: room names and metadata come from clients and children
+  if (kind) td.className = kind;
+  row.append(td);
+}
+function showRooms(rooms) {
+  const body = $("rooms");
+  body.replaceChildren();
+  for (const room of rooms) {
+    const row = document.createElement("tr");
+    row.dataset.room = room.name;
+    cell(row, room.name);
+    cell(row, String(room.connections), "n");
+    cell(row, age(room.open_seconds), "n");
+    cell(row, room.metadata === null ? "" : JSON.stringify(room.metadata, null, 1), "meta");
+    body.append(row);
+  }
+  if (!rooms.length) {
+    const row = document.createElement("tr");
+    cell(row, "no room is open");
+    body.append(row);
+  }
+}
+function rate(now, name) {  // messages a second, over the rooms open at both samples
+  if (!before) return "-";
+  let sum = 0;
+  for (const [room, count] of Object.entries(now[name])) {
+    if (room in before[name]) sum += Math.max(0, count - before[name][room]);
+  }
+  return (sum / ((now.time - before.time) / 1000)).toFixed(1);
+}
+function showMetrics(text) {
+  const now = {time: Date.now(), in: {}, out: {}};
+  let clients = 0, rooms = 0;
+  for (const line of text.split("\\n")) {
+    const m = line.match(/^(\\w+)(\\{.*\\})? (\\S+)$/);
+    if (!m) continue;
+    const value = Number(m[3]);
+    if (m[1] === "scalesocket_websocket_connections_open") clients += value;
+    else if (m[1] === "scalesocket_rooms_open") rooms = value;
+    else if (m[1] === "scalesocket_messages_received_total") now.in[m[2]] = value;
+    else if (m[1] === "scalesocket_messages_sent_total") now.out[m[2]] = value;
+  }
+  $("clients").textContent = clients;
+  $("open").textContent = rooms;
+  $("in").textContent = rate(now, "in");
+  $("out").textContent = rate(now, "out");
+  before = now;
+  $("totals").hidden = false;
+}
+async function refresh() {
+  try {
+    const response = await fetch("/api/rooms?details", {cache: "no-store"});
+    if (!response.ok) throw new Error("/api/rooms: " + response.status);
+    showRooms(await response.json());
+    if (METRICS) {
+      const metrics = await fetch("/metrics", {cache: "no-store"});
+      if (metrics.ok) showMetrics(await metrics.text());
+    }
+    $("status").textContent = "updated " + new Date().toLocaleTimeString() + "; every 2 s";
+  } catch (e) {
+    $("status").textContent = "cannot reach the server (" + e.message + "); trying again";
+  }
+  setTimeout(refresh, 2000);
+}
+refresh();
+</script>
+</body>
+</html>
+"""
+
+
+WELCOME_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>scalesocket.py</title>
+<style>body { font: 16px/1.5 system-ui, sans-serif; max-width: 42em; margin: 3em auto; padding: 0 1em; }
+code { background: #eee; padding: 0 .25em; }</style>
+</head>
+<body>
+<h1>scalesocket.py: a WebSocket server</h1>
+<p>This server runs a program for each room and relays its input and output
+over WebSockets: every message a client sends goes to the program, and every
+line the program writes goes to every client of the room.</p>
+<p>Connect a WebSocket to <code>{url}</code>, where ROOM is any room name.</p>
+<p>Nothing is served at this address as a page. Start the server with
+<code>--staticdir DIR</code> to serve your own page from DIR (the chat example:
+<code>python3 scalesocket.py --json --staticdir . cat</code>), or with
+<code>--devconsole</code> for a built-in page to try any room.</p>
+<p>(404 Not Found)</p>
+</body>
+</html>
+"""
+
+
+def welcome_page(request: Request, tls: bool) -> bytes:
+    """Return the 404 page a browser gets when the server serves no page: what it is, where to connect."""
+    host = request.headers.get("host") or "HOST:PORT"
+    url = f"{'wss' if tls else 'ws'}://{host}/ROOM"
+    return WELCOME_PAGE.replace("{url}", html.escape(url)).encode("utf-8")
+
+
+def log_request(level: int, method: str, path: str, status: int, reason: str, address: str) -> None:
+    """Log one line for an HTTP request: ``127.0.0.1 "GET /x" 404 no such file``.
+
+    The path and the reason are escaped (``printable``): a client cannot
+    write a line break or a terminal escape into the log. With ``--log
+    json`` each part is a field of its own.
+    """
+    method, path, reason = printable(method), printable(path), printable(reason)
+    log.log(level, '%s "%s %s" %d%s', address or "-", method, path, status, f" {reason}" if reason else "",
+            extra={"method": method, "path": path, "status": status, "reason": reason, "remote_addr": address})
+
+
 def tls_context(config: Config) -> ssl.SSLContext:
     """Return the TLS context for --tlscert/--tlskey.
 
@@ -3174,6 +3354,8 @@ class Server:
     async def _serve(self, connection: Connection, head: bytes) -> None:
         request = None
         transport = connection.transport
+        peer = transport.get_extra_info("peername")
+        peer = peer[0] if isinstance(peer, tuple) else ""
         try:
             if len(head) > self.config.max_head:
                 raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
@@ -3182,15 +3364,25 @@ class Server:
             if owner is not None:
                 await self.worker.hand_over(owner, connection, head + bytes(connection._head))
                 return
-            peer = transport.get_extra_info("peername")
-            peer = peer[0] if isinstance(peer, tuple) else ""
             request.remote_addr = client_address(peer, request.headers, self.config.trust_proxy)
             if is_websocket_upgrade(request):
                 await self._serve_websocket(connection, request)
                 return
-            await self._serve_http(connection, request)
+            status = await self._serve_http(connection, request)
+            if log.isEnabledFor(logging.DEBUG):
+                log_request(logging.DEBUG, request.method, request.path, status, "", request.remote_addr)
         except HTTPError as exc:
-            log.info("! %d %s", exc.status, exc.reason)
+            if request is not None:
+                method, path, address = request.method, request.path, request.remote_addr or peer
+            else:  # what can be read of a head that does not parse
+                parts = head.partition(b"\r\n")[0].decode("latin-1").split(" ")
+                method, path = (parts[0], parts[1].partition("?")[0]) if len(parts) == 3 else ("-", "-")
+                address = peer
+            if exc.status == 404 and not self.config.staticdir and not self.config.devconsole and request is not None \
+                    and "text/html" in request.headers.get("accept", ""):
+                exc = NotFound(exc.reason, html=welcome_page(request, self.config.tls_cert is not None))
+            log_request(logging.WARNING if exc.status >= 500 else logging.INFO, method, path, exc.status, exc.reason,
+                        address)
             connection.discard_input()
             transport.write(error_response(exc, head_only=request is not None and request.method == "HEAD"))
         await connection.linger()
@@ -3206,7 +3398,7 @@ class Server:
         """
         if is_websocket_upgrade(request):
             room = room_from_path(request.path)
-        elif self.config.api and request.path.startswith("/api/") and request.path != "/api/rooms":
+        elif self.config.api and request.path.startswith("/api/") and request.path not in ("/api/", "/api/rooms"):
             room = urllib.parse.unquote(request.path.split("/")[2])
         else:
             return None
@@ -3220,7 +3412,12 @@ class Server:
             states += await self.worker.peer_states()
         return states
 
-    async def _serve_http(self, connection: Connection, request: Request) -> None:
+    async def _serve_http(self, connection: Connection, request: Request) -> int:
+        """Answer a plain HTTP request; return the status sent.
+
+        Raises:
+            HTTPError: the request is refused (404, 405, ...).
+        """
         connection.discard_input()
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {request.method} is not allowed", [("Allow", "GET, HEAD")])
@@ -3237,21 +3434,25 @@ class Server:
             body, ctype = render_openmetrics(await self._states(), totals).encode("utf-8"), OPENMETRICS_TYPE
         elif path == "/" and self.config.devconsole:
             body, ctype = DEVCONSOLE_PAGE.encode("utf-8"), "text/html; charset=utf-8"
+        elif path in ("/api", "/api/") and self.config.api and "text/html" in request.headers.get("accept", ""):
+            page = API_PAGE.replace("{metrics}", "true" if self.config.metrics else "false")
+            body, ctype = page.encode("utf-8"), "text/html; charset=utf-8"
         elif (path == "/api" or path.startswith("/api/")) and self.config.api:
             states = await self._states() if path == "/api/rooms" else [self.hub.state()]  # a room: its worker
-            value = api_response(states, path)
+            details = path == "/api/rooms" and "details" in urllib.parse.parse_qs(request.query, keep_blank_values=True)
+            value = api_response(states, path, details)
             body, ctype = json.dumps(value, ensure_ascii=False).encode("utf-8"), "application/json"
         if body is not None:
             headers = [("Content-Type", ctype), ("Cache-Control", "no-store")]
             connection.transport.write(render_response(200, headers, b"" if head_only else body, length=len(body)))
-            return
+            return 200
         path = resolve_static(self.config.staticdir, request.path) if self.config.staticdir else None
         if path is None:
             raise NotFound("no such file")
-        await self._send_file(path, request, connection)
+        return await self._send_file(path, request, connection)
 
-    async def _send_file(self, path: str, request: Request, connection: Connection) -> None:
-        """Stream a file in chunks, so memory does not grow with its size."""
+    async def _send_file(self, path: str, request: Request, connection: Connection) -> int:
+        """Stream a file in chunks, so memory does not grow with its size; return the status sent."""
         try:
             f = open(path, "rb")
         except PermissionError:
@@ -3264,7 +3465,7 @@ class Server:
             size, mtime = stat.st_size, int(stat.st_mtime)
             if not_modified_since(request.headers.get("if-modified-since"), mtime):
                 transport.write(render_response(304, [("Last-Modified", email.utils.formatdate(mtime, usegmt=True))]))
-                return
+                return 304
             headers = [("Content-Type", guess_type(path)), ("Last-Modified", email.utils.formatdate(mtime, usegmt=True))]
             transport.write(render_response(200, headers, length=size))
             remaining = 0 if request.method == "HEAD" else size
@@ -3274,9 +3475,10 @@ class Server:
                     break  # the file shrank; the client sees a short body
                 remaining -= len(chunk)
                 if transport.is_closing():
-                    return  # the reader reset the connection: nothing more to read or write
+                    break  # the reader reset the connection: nothing more to read or write
                 transport.write(chunk)
                 await connection.drain()
+        return 200
 
     async def _serve_websocket(self, connection: Connection, request: Request) -> None:
         room_name = room_from_path(request.path)
@@ -3448,7 +3650,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser._optionals.title = "options"  # the same title on every Python version
     add = parser.add_argument
-    add("cmd", metavar="CMD", help="program to run for each room (never through a shell)")
+    add("cmd", metavar="CMD", nargs="?", help="program to run for each room (never through a shell)")
     add("args", metavar="ARGS", nargs="*", help="arguments for CMD, after --")
     add("--addr", type=_addr, default=("0.0.0.0", 9000), metavar="HOST:PORT",
         help="listen address; [::]:PORT for IPv6 (default: 0.0.0.0:9000)")
@@ -3526,6 +3728,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USAGE_EXAMPLE = "for example: python3 scalesocket.py --devconsole cat    (then open http://localhost:9000/)"
+
 # Options whose value comes only after '=', as in the original: a bare
 # `--frame` means json, and the word after it is the command.
 _EQUALS_ONLY = {"--frame": "json", "--clientframe": "json", "--serverframe": "json", "--delimiters": None}
@@ -3547,6 +3751,8 @@ def parse_args(argv: list[str]) -> Config:
             word = f"{word}={_EQUALS_ONLY[word]}"
         words.append(word)
     ns = parser.parse_args(words)
+    if ns.cmd is None:  # argparse would name ARGS too, which may be left out
+        parser.exit(2, f"{parser.prog}: error: the following arguments are required: CMD\n{USAGE_EXAMPLE}\n")
 
     def conflict(first: str, second: str) -> None:
         parser.error(f"argument {second}: not allowed with argument {first}")
@@ -3647,7 +3853,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "message": record.getMessage(),
         }
-        for key in ("worker", "room", "client"):
+        for key in ("worker", "room", "client", "method", "path", "status", "reason", "remote_addr"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
@@ -3735,13 +3941,15 @@ def _run_worker(config: Config, worker: Worker) -> int:
 
 
 def open_files_needed(config: Config) -> int:
-    """Return about how many descriptors one process of a full server needs.
+    """Return how many descriptors one process needs to hold what the options admit.
 
-    One a client, FDS_PER_ROOM a room; with --workers, each process holds its
-    share of them (each has a descriptor table of its own).
+    One a client that --maxclients admits, and FDS_PER_ROOM a room when
+    --maxrooms bounds them (without it, rooms are not counted: how many
+    clients share a room is the application's to know); with --workers each
+    process holds its share (each has a descriptor table of its own).
     """
-    rooms = config.max_rooms or config.max_clients  # each client may open a room of its own
-    share = -(-(config.max_clients + FDS_PER_ROOM * min(rooms, config.max_clients)) // config.workers)
+    rooms = min(config.max_rooms, config.max_clients) if config.max_rooms else 0
+    share = -(-(config.max_clients + FDS_PER_ROOM * rooms) // config.workers)
     return share + RESERVED_FDS
 
 
@@ -3749,21 +3957,24 @@ def raise_open_file_limit(config: Config) -> None:
     """Raise the soft limit on open files to the hard one, as Go's runtime and nginx do.
 
     Shells often start programs with a soft limit of 1,024 while the hard
-    limit is far higher. If even the hard limit cannot hold --maxclients and
-    their rooms, one warning line says so at start.
+    limit is far higher. If even the hard limit cannot hold what the options
+    admit (``open_files_needed``), one warning line says so at start.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, open_files_needed(config))
+    need = open_files_needed(config)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, need)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
         except (ValueError, OSError):
             pass
-    need = open_files_needed(config)
     if soft != resource.RLIM_INFINITY and soft < need:
-        log.warning("open file limit is %d, but --maxclients %d and their rooms need about %d: "
-                    "raise it (ulimit -n %d) or lower --maxclients/--maxrooms", soft, config.max_clients, need, need)
+        rooms = f" and --maxrooms {config.max_rooms}" if config.max_rooms else ""
+        per = " per worker" if config.workers > 1 else ""
+        log.warning("open file limit is %d, but --maxclients %d%s %s about %d%s: raise it (ulimit -n %d) "
+                    "or lower --maxclients", soft, config.max_clients, rooms, "need" if rooms else "needs", need, per,
+                    need)
 
 
 def main(argv: list[str] | None = None) -> int:

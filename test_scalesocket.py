@@ -1296,7 +1296,7 @@ def test_open_file_exhaustion_is_one_warning_and_serving_goes_on():
     server = CLIServer("cat", nofile=(64, 64))
     try:
         warning = [line for line in server.lines if "open file limit" in line]
-        assert len(warning) == 1 and "open file limit is 64" in warning[0] and "ulimit -n 50032" in warning[0], warning
+        assert len(warning) == 1 and "open file limit is 64" in warning[0] and "ulimit -n 10032" in warning[0], warning
         socks = [socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT) for _ in range(80)]
         wait_until(lambda: any("cannot accept connections" in line for line in server.lines), what="the warning")
         for sock in socks:
@@ -2731,7 +2731,6 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "argv, option",
     [
-        ([], "CMD"),
         (["--maxsize", "0", "cat"], "--maxsize"),
         (["--maxsize", "x", "cat"], "--maxsize"),
         (["--frame=xml", "cat"], "--frame"),
@@ -3635,3 +3634,207 @@ def test_import_has_no_side_effects():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=IO_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ss.__version__ and result.stderr == ""
+
+
+###############################################################################
+# The first minute: start, usage, the page at /, the log, the /api/ page ######
+###############################################################################
+
+
+def test_open_files_needed_counts_what_the_options_admit():
+    """The estimate counts one descriptor a client, four a room only when --maxrooms bounds them, a share per worker."""
+    assert ss.open_files_needed(_config("cat")) == 10000 + ss.RESERVED_FDS
+    assert ss.open_files_needed(_config("--maxrooms", "100", "cat")) == 10000 + 4 * 100 + ss.RESERVED_FDS
+    assert ss.open_files_needed(_config("--maxclients", "50", "--maxrooms", "100", "cat")) == 50 + 4 * 50 + ss.RESERVED_FDS
+    assert ss.open_files_needed(_config("--workers", "2", "--maxrooms", "1000", "cat")) == 7000 + ss.RESERVED_FDS
+
+
+def test_a_start_with_the_defaults_under_20000_files_is_quiet():
+    """Under an open-file limit of 20,000 the defaults start without a warning; under 64, with one that names the fix."""
+    quiet = CLIServer("cat", nofile=(20000, 20000))
+    try:
+        assert _health_ok(quiet.port)
+    finally:
+        assert quiet.stop() == 0
+    assert not any("WARNING" in line for line in quiet.lines), quiet.lines
+    tight = CLIServer("--maxclients", "100", "--maxrooms", "20", "cat", nofile=(64, 64))
+    try:
+        warning = [line for line in tight.lines if "open file limit" in line]
+        assert len(warning) == 1, tight.lines
+        assert "open file limit is 64, but --maxclients 100 and --maxrooms 20 need about 212" in warning[0]
+        assert "ulimit -n 212" in warning[0]
+    finally:
+        assert tight.stop() == 0
+
+
+def test_usage_error_names_only_cmd_and_shows_an_example_that_works():
+    """No command: the error names CMD alone (not ARGS), exit 2, and the next line is an example that runs."""
+    result = run_cli()
+    assert result.returncode == 2 and result.stdout == ""
+    error, example = result.stderr.splitlines()
+    assert error == "scalesocket.py: error: the following arguments are required: CMD"
+    assert "ARGS" not in result.stderr
+    command = re.search(r"python3 scalesocket.py (.*?)\s{2}", example).group(1).split()
+    server = CLIServer(*command)  # as the example says, on an ephemeral port
+    try:
+        status, headers, body = http_request(server.port, "/")
+        assert status == 200 and b"new WebSocket(" in body  # the console it promises
+    finally:
+        assert server.stop() == 0
+
+
+def test_root_for_a_browser_is_a_page_that_says_where_to_connect(serve):
+    """Without --staticdir or --devconsole, / is still 404; a browser gets a page naming ws://HOST/ROOM and both options."""
+    server = serve("cat")
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Host": "chat.example:8080"}
+    status, headers, body = http_request(server.port, "/", headers=browser)
+    assert status == 404 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert int(headers["Content-Length"]) == len(body)
+    page = body.decode()
+    assert "ws://chat.example:8080/ROOM" in page and "--staticdir" in page and "--devconsole" in page
+    assert "<script" not in page and "src=" not in page
+    # curl and scripts keep the text; HEAD keeps the length with no body.
+    assert http_request(server.port, "/") == (404, ANY_HEADERS, b"404 Not Found: no such file\n")
+    status, headers, body = http_request(server.port, "/", "HEAD", headers=browser)
+    assert status == 404 and body == b"" and headers["Content-Type"].startswith("text/html")
+    # The Host header is the client's: it cannot bring markup into the page.
+    _, _, body = http_request(server.port, "/", headers={**browser, "Host": "<img onerror=x>"})
+    assert b"<img" not in body and b"&lt;img onerror=x&gt;" in body
+
+
+def test_root_with_staticdir_or_devconsole_keeps_its_answers(serve, tmp_path):
+    """With --staticdir a missing file stays the text 404 for a browser too; --devconsole still serves its console."""
+    browser = {"Accept": "text/html"}
+    status, headers, body = http_request(serve("--staticdir", str(tmp_path), "cat").port, "/nope", headers=browser)
+    assert status == 404 and body == b"404 Not Found: no such file\n"
+    status, _, body = http_request(serve("--devconsole", "cat").port, "/", headers=browser)
+    assert status == 200 and b"new WebSocket(" in body
+
+
+class _AnyHeaders(dict):
+    def __eq__(self, other):
+        return isinstance(other, dict)
+
+
+ANY_HEADERS = _AnyHeaders()
+
+_REFUSED = [
+    # (request head, method, path, status, reason)
+    (_upgrade_head("/metrics"), "GET", "/metrics", 400, "room name 'metrics' is reserved"),
+    (b"GET /no/such/file.txt?q=1 HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/no/such/file.txt", 404, "no such file"),
+    (b"GET /x%0d%0aINFO%20forged HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/x%0d%0aINFO%20forged", 404, "no such file"),
+    (b"GET /a\x1b[31mred HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/a\\x1b[31mred", 400, "control character in the request head"),
+    (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", "POST", "/health", 405, "method POST is not allowed"),
+]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_each_refused_request_is_one_log_line_with_method_path_status_reason_and_client(log_format):
+    """A refused upgrade, a missing file, a 405, and paths holding %0d%0a or ESC: one escaped line each, at info."""
+    server = CLIServer("--log", log_format, "--trustproxy", "127.0.0.1", "cat")
+    try:
+        for head, *_ in _REFUSED:
+            raw_request(server.port, head)
+        raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
+        raw_request(server.port, b"GET /gone HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
+        wait_until(lambda: sum("gone" in line for line in server.lines) == 1, what="the last request's line")
+    finally:
+        assert server.stop() == 0
+    for line in server.lines:
+        assert "\x1b" not in line and "\r" not in line, repr(line)  # no raw escape or carriage return
+    if log_format == "json":
+        entries = [json.loads(line) for line in server.lines]
+        requests = [e for e in entries if "status" in e]
+        for entry, (_, method, path, status, reason) in zip(requests, _REFUSED):
+            assert (entry["method"], entry["path"], entry["status"], entry["reason"], entry["remote_addr"],
+                    entry["level"]) == (method, path, status, reason, "127.0.0.1", "info"), entry
+        assert requests[-1]["remote_addr"] == "192.0.2.7" and requests[-1]["path"] == "/gone"
+        assert len(requests) == len(_REFUSED) + 1  # /health succeeded: not at info level
+    else:
+        requests = [line for line in server.lines if '" 4' in line]
+        assert len(requests) == len(_REFUSED) + 1, server.lines
+        for line, (_, method, path, status, reason) in zip(requests, _REFUSED):
+            assert line.split(" ", 2)[2].rstrip("\n") == f'INFO 127.0.0.1 "{method} {path}" {status} {reason}', line
+        assert '192.0.2.7 "GET /gone" 404 no such file' in requests[-1]
+
+
+def test_successful_requests_are_logged_only_with_verbose(tmp_path):
+    """/health, a static file and a 304 get the request line at debug level (-v), none at the default level."""
+    (tmp_path / "a.txt").write_text("hello")
+    for verbose in ([], ["-v"]):
+        server = CLIServer(*verbose, "--staticdir", str(tmp_path), "cat")
+        try:
+            assert http_request(server.port, "/health")[0] == 200
+            status, headers, _ = http_request(server.port, "/a.txt")
+            assert status == 200
+            assert http_request(server.port, "/a.txt", headers={"If-Modified-Since": headers["Last-Modified"]})[0] == 304
+            assert http_request(server.port, "/nope")[0] == 404
+            wait_until(lambda: any('"GET /nope" 404' in line for line in server.lines), what="the 404's line")
+        finally:
+            assert server.stop() == 0
+        found = [line.split(" ", 2)[2].strip() for line in server.lines if '"GET /' in line]
+        expected = ['DEBUG 127.0.0.1 "GET /health" 200', 'DEBUG 127.0.0.1 "GET /a.txt" 200',
+                    'DEBUG 127.0.0.1 "GET /a.txt" 304'] if verbose else []
+        assert found == expected + ['INFO 127.0.0.1 "GET /nope" 404 no such file'], server.lines
+
+
+def test_printable_escapes_every_control_character():
+    """printable() turns C0, DEL, C1 and the backslash into escapes, and leaves other text alone."""
+    assert ss.printable("a\r\nb\x1b[2J\x7f\x9b\\ é/%0d") == "a\\x0d\\x0ab\\x1b[2J\\x7f\\x9b\\\\ é/%0d"
+    assert all(ord(c) > 0x9f or 0x20 <= ord(c) < 0x7f for c in ss.printable("".join(map(chr, range(0x200)))))
+
+
+def test_api_rooms_details_adds_when_each_room_opened(serve):
+    """/api/rooms is unchanged for programs; /api/rooms?details adds opened and open_seconds."""
+    server = serve("--api", "cat")
+    client = server.connect("/one")
+    try:
+        status, _, body = http_request(server.port, "/api/rooms")
+        assert json.loads(body) == [{"name": "one", "connections": 1, "metadata": None}]
+        status, _, body = http_request(server.port, "/api/rooms?details")
+        (room,) = json.loads(body)
+        assert set(room) == {"name", "connections", "metadata", "opened", "open_seconds"}
+        assert abs(room["opened"] - time.time()) < 60 and 0 <= room["open_seconds"] < 60
+        # A program asking for /api/ gets JSON's 404, a browser the page.
+        assert http_request(server.port, "/api/")[0] == 404
+        status, headers, body = http_request(server.port, "/api/", headers={"Accept": "text/html"})
+        assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+        assert b"/api/rooms?details" in body and b"<link" not in body and b"src=" not in body  # nothing to fetch
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_api_page_in_a_browser_lists_rooms_and_drops_a_closed_one(chromium, workers, tmp_path):
+    """The /api/ page in Chromium: two rooms with their counts and totals after a refresh; a closed room leaves the list."""
+    server = CLIServer("--api", "--metrics", "--workers", str(workers), "cat")
+    cdp = CDP(ws_connect(*chromium))
+    clients = [ws_connect("127.0.0.1", server.port, path) for path in ("/lobby", "/lobby", "/side")]
+    try:
+        tab = cdp.open_tab(f"http://127.0.0.1:{server.port}/api/")
+        rows = ('JSON.stringify([...document.querySelectorAll("#rooms tr")]'
+                '.map(r => [...r.cells].slice(0, 2).map(c => c.textContent)))')
+        cdp.wait_for(tab, f'{rows} === JSON.stringify([["lobby", "2"], ["side", "1"]])')
+        cdp.wait_for(tab, 'document.getElementById("clients").textContent === "3"')
+        assert cdp.evaluate(tab, 'document.getElementById("open").textContent') == "2"
+        clients[0].send_text("hello")
+        assert clients[1].recv() == (Opcode.TEXT, b"hello")
+        cdp.wait_for(tab, 'Number(document.getElementById("out").textContent) > 0')  # rates after two samples
+        if os.environ.get("SCALESOCKET_SCREENSHOT"):
+            shot = cdp.call("Page.captureScreenshot", {"format": "png"}, tab)["data"]
+            (tmp_path / "api.png").write_bytes(base64.b64decode(shot))
+            shutil.copy(tmp_path / "api.png", os.environ["SCALESOCKET_SCREENSHOT"])
+        clients.pop().close()
+        cdp.wait_for(tab, f'{rows} === JSON.stringify([["lobby", "2"]])')
+        for client in clients:
+            client.close()
+        cdp.wait_for(tab, f'{rows} === JSON.stringify([["no room is open"]])')
+        try:
+            cdp.call("Browser.close")
+        except ConnectionError:
+            pass
+    finally:
+        cdp.ws.close()
+        for client in clients:
+            client.close()
+        assert server.stop() == 0
