@@ -3272,6 +3272,276 @@ def test_proxy_sets_x_forwarded_for_drops_forwarded_keeps_host(kind):
     assert [value.lower() for value in headers["connection"]] == ["upgrade"]
 
 
+# Login in front: deploy/nginx-auth.conf asks a login service (auth_request) and
+# passes its user on as X-Forwarded-User, which the hosts believe from the proxy only.
+
+# The child says what its environment holds, then echoes: the join and leave lines come back.
+AUTH_CHILD = (
+    "import os, sys\n"
+    "print('env %r %r' % (os.environ.get('HTTP_X_FORWARDED_USER'), os.environ.get('HTTP_COOKIE')), flush=True)\n"
+    "for line in sys.stdin:\n    sys.stdout.write(line)\n    sys.stdout.flush()"
+)
+AUTH_BACKEND_ARGS = (
+    "--metrics", "--api", "--trustproxy", "127.0.0.1", "--staticdir", HERE,
+    "--passheaders", "Cookie", "--proxyheaders", "X-Forwarded-User",
+    "--joinmsg", "join user=#HEADER_X_FORWARDED_USER cookie=#COOKIE_session",
+    "--leavemsg", "leave user=#HEADER_X_FORWARDED_USER",
+)
+AUTH_USERS = {"alice-token": "alice", "bob-token": "bob", "carol-token": "carol ann"}
+
+
+class _LoginService:
+    """The login service of the test: 200 and X-User for a known session cookie, 401 for anything else."""
+
+    def __init__(self) -> None:
+        import http.cookies
+        import http.server
+
+        self.requests: list[tuple[str, list[tuple[str, str]]]] = []  # (path, headers) of each check
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                service.requests.append((self.path, self.headers.items()))
+                try:
+                    session = http.cookies.SimpleCookie(self.headers.get("Cookie", "")).get("session")
+                except http.cookies.CookieError:
+                    session = None
+                user = AUTH_USERS.get(session.value) if session is not None else None
+                self.send_response(200 if user else 401)
+                if user:
+                    self.send_header("X-User", user)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+class AuthProxy(Proxy):
+    """nginx run from deploy/nginx-auth.conf, with only addresses, ports and file paths replaced."""
+
+    def __init__(self, backend_ports: list[int], login_port: int) -> None:
+        self.login_port = login_port
+        super().__init__("nginx", backend_ports)
+
+    def _start(self, binary: str, backend_ports: list[int]) -> None:
+        with open(os.path.join(HERE, "deploy", "nginx-auth.conf")) as f:
+            config = f.read()
+        for i, port in enumerate(backend_ports, 1):
+            config = _replace(config, f"10.0.0.{i}:9000", f"127.0.0.1:{port}")
+        config = _replace(config, "http://10.0.0.20:8000/auth", f"http://127.0.0.1:{self.login_port}/auth")
+        config = _replace(config, "listen 80;", f"listen 127.0.0.1:{self.port};")
+        config = _replace(config, "/run/nginx-scalesocket.pid", os.path.join(self.dir, "nginx.pid"))
+        config = _replace(config, "/var/log/nginx/", self.dir + "/")
+        config = _replace(config, "/var/lib/nginx/", self.dir + "/")
+        path = os.path.join(self.dir, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(config)
+        argv = [binary, "-e", "stderr", "-p", self.dir + "/", "-c", path, "-g", "daemon off;"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, preexec_fn=_limit_open_files)
+        threading.Thread(target=self._read_log, daemon=True).start()
+        wait_until(self._ready, what="nginx to answer /health")  # /health needs no login
+
+
+class AuthCluster:
+    """Three hosts (AUTH_CHILD children) behind nginx-auth.conf, and the login service it asks."""
+
+    def __init__(self) -> None:
+        self.backends: list[CLIServer] = []
+        self.proxy: AuthProxy | None = None
+        self.login = _LoginService()
+        try:
+            for _ in range(3):
+                self.backends.append(CLIServer(*AUTH_BACKEND_ARGS, *py_child(AUTH_CHILD)))
+            self.proxy = AuthProxy([b.port for b in self.backends], self.login.port)
+        except BaseException:
+            self.stop()
+            raise
+
+    def connect(self, path: str, headers: dict | None = None) -> WSClient:
+        return ws_connect("127.0.0.1", self.proxy.port, path, headers)
+
+    def refused(self, path: str, headers: dict | None = None) -> int:
+        """The status of a handshake through the proxy that must fail."""
+        with pytest.raises(HandshakeFailed) as exc:
+            self.connect(path, headers)
+        return exc.value.status
+
+    def children_started(self) -> int:
+        """Children started by all hosts, from each host's own /metrics."""
+        total = 0
+        for backend in self.backends:
+            metrics = http_request(backend.port, "/metrics")[2].decode()
+            total += int(metrics.split("\nscalesocket_children_started_total ")[1].split()[0])
+        return total
+
+    def rooms(self) -> list[dict]:
+        """Open rooms on all hosts, from each host's own /api."""
+        return [room for b in self.backends for room in json.loads(http_request(b.port, "/api/rooms")[2])]
+
+    def stop(self) -> list[int]:
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.login.close()
+        return [backend.stop() for backend in self.backends]
+
+
+@pytest.fixture
+def auth_cluster():
+    cluster = AuthCluster()
+    yield cluster
+    assert cluster.stop() == [0, 0, 0]
+    logs = "".join(line for backend in cluster.backends for line in backend.lines)
+    assert "Traceback" not in logs and " ERROR " not in logs, logs
+
+
+def test_proxy_auth_what_the_hosts_receive():
+    """What the hosts receive through nginx-auth.conf: X-Forwarded-User from the login service
+    (the client's own replaced), the client's cookies, address and Host, the upgrade headers."""
+    recorders = [_HeadRecorder() for _ in range(3)]
+    login = _LoginService()
+    proxy = None
+    try:
+        proxy = AuthProxy([r.port for r in recorders], login.port)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=IO_TIMEOUT, source_address=("127.0.0.9", 0))
+        conn.request("GET", "/room1?nick=ann", headers={
+            "Host": f"127.0.0.1:{proxy.port}", "Cookie": "theme=dark; session=carol-token",
+            "X-Forwarded-User": "mallory", "X-Forwarded-For": "6.6.6.6",
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        })
+        seen = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        login.close()
+        for recorder in recorders:
+            recorder.close()
+    headers = seen["headers"]
+    assert seen["request"] == "GET /room1?nick=ann HTTP/1.1"
+    assert headers["x-forwarded-user"] == ["carol ann"]
+    assert headers["cookie"] == ["theme=dark; session=carol-token"]
+    assert headers["host"] == [f"127.0.0.1:{proxy.port}"]
+    assert headers["x-forwarded-for"] == ["127.0.0.9"]
+    assert headers["upgrade"] == ["websocket"]
+    assert [value.lower() for value in headers["connection"]] == ["upgrade"]
+
+
+def test_proxy_auth_join_line_carries_the_user(auth_cluster):
+    """Through nginx-auth.conf, each client's join and leave lines name the user the login service gave it."""
+    alice = auth_cluster.connect("/auth-lobby", {"Cookie": "session=alice-token"})
+    assert alice.recv_text().startswith("env ")
+    assert alice.recv_text() == "join user=alice cookie=alice-token"
+    bob = auth_cluster.connect("/auth-lobby?nick=b", {"Cookie": "session=bob-token"})
+    for client in (alice, bob):
+        assert client.recv_text() == "join user=bob cookie=bob-token"
+    carol = auth_cluster.connect("/auth-lobby", {"Cookie": "session=carol-token"})
+    for client in (alice, bob, carol):  # percent-encoded, as #QUERY_ values are
+        assert client.recv_text() == "join user=carol%20ann cookie=carol-token"
+    bob.close()
+    for client in (alice, carol):
+        assert client.recv_text() == "leave user=bob"
+    assert auth_cluster.children_started() == 1
+    # The login service was asked once per client, with the cookie and the URI, and nothing else of the client's.
+    checks = auth_cluster.login.requests
+    assert [path for path, _ in checks] == ["/auth"] * 3
+    sent = [{name.lower(): value for name, value in headers} for _, headers in checks]
+    assert [h.get("cookie") for h in sent] == ["session=alice-token", "session=bob-token", "session=carol-token"]
+    assert [h.get("x-original-uri") for h in sent] == ["/auth-lobby", "/auth-lobby?nick=b", "/auth-lobby"]
+    assert not any("upgrade" in h or "sec-websocket-key" in h for h in sent), sent
+    for client in (alice, carol):
+        client.close()
+
+
+def test_proxy_auth_refuses_clients_without_a_login(auth_cluster):
+    """No session cookie, a wrong one, or a forged X-Forwarded-User alone: 401 from nginx and no child
+    on any host; the chat page needs the login too, /health does not."""
+    for headers in ({}, {"Cookie": "session=wrong-token"}, {"Cookie": "other=alice-token"},
+                    {"Cookie": "session=", "X-Forwarded-User": "alice"}, {"X-Forwarded-User": "alice"}):
+        assert auth_cluster.refused("/auth-closed", headers) == 401, headers
+    assert len(auth_cluster.login.requests) == 5  # each was the login service's answer
+    assert auth_cluster.children_started() == 0 and auth_cluster.rooms() == []
+    assert http_request(auth_cluster.proxy.port, "/")[0] == 401
+    with open(os.path.join(HERE, "index.html"), "rb") as f:
+        page = f.read()
+    status, _, body = http_request(auth_cluster.proxy.port, "/", headers={"Cookie": "session=bob-token"})
+    assert (status, body) == (200, page)
+    status, _, body = http_request(auth_cluster.proxy.port, "/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    assert http_request(auth_cluster.proxy.port, "/_scalesocket_auth")[0] == 404  # internal only
+    # The control: with the login, the same room opens, and the metrics see its child.
+    alice = auth_cluster.connect("/auth-closed", {"Cookie": "session=alice-token"})
+    assert alice.recv_text().startswith("env ")
+    assert auth_cluster.children_started() == 1
+    assert [room["name"] for room in auth_cluster.rooms()] == ["auth-closed"]
+    alice.close()
+
+
+def test_proxy_auth_forged_user_through_the_proxy_is_replaced(auth_cluster):
+    """A logged-in client that sends its own X-Forwarded-User (in any case) through nginx is still
+    the login service's user, in the join line and in the child's environment."""
+    forged = {"Cookie": "session=alice-token", "X-Forwarded-User": "mallory", "x-forwarded-user": "mallory2"}
+    alice = auth_cluster.connect("/auth-forged", forged)
+    assert alice.recv_text() == "env 'alice' 'session=alice-token'"
+    assert alice.recv_text() == "join user=alice cookie=alice-token"
+    bob = auth_cluster.connect("/auth-forged", {"Cookie": "session=bob-token", "X-Forwarded-User": "alice"})
+    for client in (alice, bob):
+        assert client.recv_text() == "join user=bob cookie=bob-token"
+    for client in (alice, bob):
+        client.close()
+
+
+def test_proxy_auth_forged_user_straight_to_a_host_is_empty(auth_cluster):
+    """X-Forwarded-User sent straight to a host from an address --trustproxy does not name arrives
+    empty, and unset in the child's environment; sent from the proxy's address, it is believed."""
+    forged = {"Cookie": "session=alice-token", "X-Forwarded-User": "mallory"}
+    direct = ws_connect("127.0.0.1", auth_cluster.backends[0].port, "/auth-direct", forged, source="127.0.0.5")
+    assert direct.recv_text() == "env None 'session=alice-token'"  # --passheaders: from any peer
+    assert direct.recv_text() == "join user= cookie=alice-token"
+    # The control: the proxy's own address (127.0.0.1, which the hosts trust) is believed.
+    trusted = ws_connect("127.0.0.1", auth_cluster.backends[1].port, "/auth-trusted",
+                         {"X-Forwarded-User": "carol"}, source="127.0.0.1")
+    assert trusted.recv_text() == "env 'carol' None"
+    assert trusted.recv_text() == "join user=carol cookie="
+    assert auth_cluster.login.requests == []  # neither went through nginx
+    for client in (direct, trusted):
+        client.close()
+
+
+def test_proxy_auth_child_environment_and_cookie(auth_cluster):
+    """The child of a room's first client has that client's user and cookies in HTTP_X_FORWARDED_USER
+    and HTTP_COOKIE; #COOKIE_session gives each client's own session cookie among others."""
+    alice = auth_cluster.connect("/auth-env", {"Cookie": "theme=dark; session=alice-token; lang=fi"})
+    assert alice.recv_text() == "env 'alice' 'theme=dark; session=alice-token; lang=fi'"
+    assert alice.recv_text() == "join user=alice cookie=alice-token"
+    bob = auth_cluster.connect("/auth-env", {"Cookie": "session=bob-token; theme=light"})
+    for client in (alice, bob):  # the same child: no second env line
+        assert client.recv_text() == "join user=bob cookie=bob-token"
+    assert auth_cluster.children_started() == 1
+    for client in (alice, bob):
+        client.close()
+
+
+def test_proxy_auth_login_service_down_lets_nobody_in(auth_cluster):
+    """With the login service down, nginx answers 500 even to a valid session cookie, and no host starts a child."""
+    auth_cluster.login.close()
+    assert auth_cluster.refused("/auth-down", {"Cookie": "session=alice-token"}) == 500
+    assert auth_cluster.children_started() == 0 and auth_cluster.rooms() == []
+
+
 ###############################################################################
 # Every core: --workers #######################################################
 ###############################################################################
