@@ -182,6 +182,10 @@ class HeadersTooLarge(HTTPError):
     status = 431
 
 
+class TooManyRequests(HTTPError):
+    status = 429
+
+
 class ServiceUnavailable(HTTPError):
     status = 503
 
@@ -800,7 +804,13 @@ def printable(text: str) -> str:
 
 @dataclass
 class Request:
-    """An HTTP request head; header names are lower-case."""
+    """An HTTP request head; header names are lower-case.
+
+    Header values are ``str`` decoded as Latin-1, so each character is one
+    byte as it came (RFC 9110 §5.5 allows bytes over 0x7F, obs-text, in
+    values; browsers send UTF-8 cookies that way): ``value.encode("latin-1")``
+    gives the bytes back.
+    """
 
     method: str
     target: str
@@ -808,7 +818,8 @@ class Request:
     query: str
     headers: dict[str, str]
     version: str = "HTTP/1.1"
-    remote_addr: str = ""
+    remote_addr: str = ""  # the client's address: the peer's, or what a trusted proxy says
+    passed: dict[str, str] = field(default_factory=dict)  # the headers the child may see (--passheaders)
 
     def header_tokens(self, name: str) -> set[str]:
         """Return the comma-separated tokens of a header, lower-cased."""
@@ -822,14 +833,13 @@ def parse_request(head: bytes) -> Request:
         BadRequest: the head is not a well-formed HTTP/1.x request.
         HTTPError: 505 for an HTTP version other than 1.0 or 1.1.
     """
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        raise BadRequest("request head is not ASCII") from None
+    text = head.decode("latin-1")  # a byte a character: values may hold obs-text
     crlf = text.count("\r\n")  # every CR and LF in the head must be one of a CRLF pair
     if _CONTROL.search(text) or text.count("\r") != crlf or text.count("\n") != crlf:
         raise BadRequest("control character in the request head")
     lines = text.split("\r\n")
+    if not lines[0].isascii():
+        raise BadRequest("request line is not ASCII")
     parts = lines[0].split(" ")
     if len(parts) != 3:
         raise BadRequest("malformed request line")
@@ -854,7 +864,9 @@ def parse_request(head: bytes) -> Request:
         if name in headers:
             if name == "host":
                 raise BadRequest("more than one Host header")  # RFC 7230 §5.4
-            value = f"{headers[name]}, {value}"
+            # RFC 9110 §5.3: a repeated field is its values joined with
+            # commas; cookies are joined the way one Cookie header holds them.
+            value = f"{headers[name]}{'; ' if name == 'cookie' else ', '}{value}"
         headers[name] = value
     if "host" not in headers and version == "HTTP/1.1":
         # RFC 7230 §5.4: an HTTP/1.1 request without Host gets 400 (and RFC
@@ -993,6 +1005,17 @@ def _forwarded_for(value: str) -> list[str]:
     return hops
 
 
+def is_trusted(peer: str, trusted: tuple | None) -> bool:
+    """Tell whether a peer address is in ``trusted`` (--trustproxy's networks)."""
+    if not trusted or not peer:
+        return False
+    try:
+        address = _ip(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
 def client_address(peer: str, headers: dict[str, str], trusted: tuple | None) -> str:
     """Return the client's address: the peer's, or, from a trusted proxy, the forwarded one.
 
@@ -1002,12 +1025,7 @@ def client_address(peer: str, headers: dict[str, str], trusted: tuple | None) ->
     header that does not parse is ignored, so a client can never choose its
     address, and a malformed one never costs more than the peer's address.
     """
-    if not trusted or not peer:
-        return peer
-    try:
-        if not any(_ip(peer) in network for network in trusted):
-            return peer
-    except ValueError:
+    if not is_trusted(peer, trusted):
         return peer
     for name in ("x-forwarded-for", "forwarded"):
         value = headers.get(name)
@@ -1024,6 +1042,42 @@ def client_address(peer: str, headers: dict[str, str], trusted: tuple | None) ->
                 return str(address)
         return str(addresses[0])
     return peer
+
+
+def passed_headers(headers: dict[str, str], passed: tuple[str, ...], from_proxy: tuple[str, ...],
+                   trusted_peer: bool) -> dict[str, str]:
+    """Return the request headers the child may see: ``passed`` ones, and ``from_proxy`` ones from a trusted proxy.
+
+    A header that only a proxy may set (--proxyheaders) is empty for every
+    other peer, so a client that reaches the server directly cannot forge it.
+    Names are lower-case; a header not sent is left out.
+    """
+    names = passed + from_proxy if trusted_peer else passed
+    return {name: headers[name] for name in names if name in headers}
+
+
+def parse_cookies(header: str) -> dict[str, str]:
+    """Return the cookies of a Cookie header (RFC 6265 §4.2.1: ``name=value; name2=value2``).
+
+    A pair without ``=`` and an empty pair are skipped; a value in double
+    quotes loses them; of a repeated name the first is kept (RFC 6265 §5.4
+    sends the most specific cookie first). Never raises.
+    """
+    cookies: dict[str, str] = {}
+    for pair in header.split(";"):
+        name, sep, value = pair.partition("=")
+        name, value = name.strip(" \t"), value.strip(" \t")
+        if not sep or not name:
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        cookies.setdefault(name, value)
+    return cookies
+
+
+def cgi_name(header: str) -> str:
+    """Return a header's name as CGI and the templates spell it: X-Forwarded-User -> X_FORWARDED_USER."""
+    return header.upper().replace("-", "_")
 
 
 def room_from_path(path: str) -> str:
@@ -1137,6 +1191,11 @@ class Config:
     ping: float = DEFAULT_PING  # 0: no keepalive pings
     origins: frozenset[str] | None = None  # --origins: allowed Origin values (or hosts)
     trust_proxy: tuple = ()  # --trustproxy: networks whose X-Forwarded-For/Forwarded is believed
+    pass_headers: tuple[str, ...] = ()  # --passheaders: lower-case names of the headers the child sees
+    proxy_headers: tuple[str, ...] = ()  # --proxyheaders: the same, only from a --trustproxy peer
+    max_clients_per_addr: int | None = None  # --maxclientsperaddr
+    max_rate: float | None = None  # --maxrate: messages a second per client
+    max_burst: float = 1.0  # --maxrate's BURST: messages a client may send at once
     same_origin: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -1158,21 +1217,28 @@ def child_env(config: Config, room: str, request: Request) -> dict[str, str]:
     env["ROOM"] = room
     env["QUERY_STRING"] = request.query
     env["REMOTE_ADDR"] = request.remote_addr
+    for name, value in request.passed.items():
+        # The bytes as they came: os.fsencode() turns this back into them.
+        env["HTTP_" + cgi_name(name)] = os.fsdecode(value.encode("latin-1"))
     return env
 
 
-_TEMPLATE_VAR = re.compile(r"#(ID|ROOM|REMOTE_ADDR|QUERY_STRING|QUERY_[A-Za-z0-9_]+)")
+_TEMPLATE_VAR = re.compile(r"#(ID|ROOM|REMOTE_ADDR|QUERY_STRING|(?:QUERY|HEADER|COOKIE)_[A-Za-z0-9_]+)")
 
 
 def render_template(template: str, conn_id: int, room: str, request: Request) -> str:
-    """Fill #ID, #ROOM, #REMOTE_ADDR, #QUERY_STRING and #QUERY_<NAME> in a template.
+    """Fill #ID, #ROOM, #REMOTE_ADDR, #QUERY_STRING, #QUERY_<NAME>, #HEADER_<NAME> and #COOKIE_<NAME> in a template.
 
-    One pass, so a value can never bring in another variable; room names and
-    query values are percent-encoded, so they cannot break a JSON template.
+    One pass, so a value can never bring in another variable; room names,
+    query values, header values and cookie values are percent-encoded (a
+    header's bytes as they came), so they cannot break a JSON template. A
+    header not passed (--passheaders) or not sent is empty.
     """
     query = urllib.parse.parse_qs(request.query, keep_blank_values=True)
+    cookies = None
 
     def value(match: re.Match) -> str:
+        nonlocal cookies
         name = match.group(1)
         if name == "ID":
             return str(conn_id)
@@ -1182,6 +1248,15 @@ def render_template(template: str, conn_id: int, room: str, request: Request) ->
             return request.remote_addr
         if name == "QUERY_STRING":  # keeps its %XX escapes; " \\ < > and spaces get them
             return urllib.parse.quote(request.query, safe="/?&=%:;,+@!$'()*~")
+        if name.startswith("HEADER_"):
+            wanted = name[7:].upper()
+            found = next((v for h, v in request.passed.items() if cgi_name(h) == wanted), "")
+            return urllib.parse.quote(found.encode("latin-1"), safe="")
+        if name.startswith("COOKIE_"):
+            if cookies is None:
+                cookies = parse_cookies(request.passed.get("cookie", ""))
+            found = cookies.get(name[7:].lower(), cookies.get(name[7:], ""))
+            return urllib.parse.quote(found.encode("latin-1"), safe="")
         values = query.get(name[6:].lower()) or query.get(name[6:]) or [""]
         return urllib.parse.quote(values[0], safe="")
 
@@ -1882,11 +1957,13 @@ class Census:
     A room lives in one process, but these belong to the whole server. With
     one process they are plain numbers. With --workers they live in memory
     that the supervisor shares with every worker (``shared_memory``): the
-    last client id given, then a slot of COUNTS per worker. A worker writes
-    only its own slot, and a lock file makes "check the total, then count
-    myself in" one step across processes. The supervisor clears the clients
-    and rooms of a worker that died; the ids and the counters go on across
-    restarts, so the counters of /metrics never go back.
+    last client id given, then a slot of COUNTS per worker, then (with
+    --maxclientsperaddr) a table per worker of its clients by address. A
+    worker writes only its own slot and table, and a lock file makes "check
+    the total, then count myself in" one step across processes. The
+    supervisor clears the clients, rooms and addresses of a worker that
+    died; the ids and the counters go on across restarts, so the counters of
+    /metrics never go back.
     """
 
     COUNTS = ("clients", "rooms", "connections", "children_started", "children_stopped")
@@ -1895,19 +1972,38 @@ class Census:
                  lock_path: str | None = None) -> None:
         self.max_clients = config.max_clients
         self.max_rooms = config.max_rooms
-        self._cells = memoryview(memory if memory is not None else bytearray(self.size(workers))).cast("Q")
+        self.max_per_addr = config.max_clients_per_addr
+        self._cells = memoryview(memory if memory is not None else bytearray(self.size(config, workers))).cast("Q")
         self._workers = workers
         self._index = index
         self._lock = os.open(lock_path, os.O_RDWR) if lock_path else None
+        self._slots = self.table_slots(config, workers)  # a power of two, or 0: no table
+        self._tables = 1 + len(self.COUNTS) * workers  # where the first worker's table starts, in cells
+        self._by_addr: collections.Counter = collections.Counter()  # this process's clients by address
+        self._slot_of: dict[int, int] = {}  # key -> its slot in this worker's table
 
     @staticmethod
-    def size(workers: int) -> int:
-        return 8 * (1 + len(Census.COUNTS) * workers)
+    def table_slots(config: Config, workers: int) -> int:
+        """Slots of each worker's address table: none with one process or without --maxclientsperaddr.
+
+        At most half full (a worker holds at most --maxclients clients), so a
+        free slot is always found.
+        """
+        if workers == 1 or config.max_clients_per_addr is None:
+            return 0
+        return 1 << (2 * config.max_clients).bit_length()
 
     @staticmethod
-    def shared_memory(workers: int) -> mmap.mmap:
-        """Memory for every worker's Census: made before they are started, so they inherit it."""
-        return mmap.mmap(-1, Census.size(workers))
+    def size(config: Config, workers: int) -> int:
+        return 8 * (1 + len(Census.COUNTS) * workers + 2 * Census.table_slots(config, workers) * workers)
+
+    @staticmethod
+    def shared_memory(config: Config, workers: int) -> mmap.mmap:
+        """Memory for every worker's Census: made before they are started, so they inherit it.
+
+        Anonymous memory: the address tables' pages cost nothing until used.
+        """
+        return mmap.mmap(-1, Census.size(config, workers))
 
     def _cell(self, name: str, index: int | None = None) -> int:
         return 1 + len(self.COUNTS) * (self._index if index is None else index) + self.COUNTS.index(name)
@@ -1931,18 +2027,85 @@ class Census:
         """Add to one of this worker's counts (or, for the supervisor, a dead worker's)."""
         self._cells[self._cell(name, index)] += n
 
-    def admit_client(self) -> int:
+    def admit_client(self, address: str = "") -> int:
         """Count a new client in and return its id: 1, 2, 3... for the server's whole life.
 
         Raises:
             ServiceUnavailable: --maxclients clients are connected (503).
+            TooManyRequests: ``address`` holds --maxclientsperaddr connections (429).
         """
         with self._locked():
             if self.total("clients") >= self.max_clients:
                 raise ServiceUnavailable(f"too many clients (at most {self.max_clients})", [("Retry-After", "5")])
+            if self.max_per_addr is not None:
+                if self._clients_from(address) >= self.max_per_addr:
+                    raise TooManyRequests(f"too many connections from {address} (at most {self.max_per_addr})",
+                                          [("Retry-After", "5")])
+                self._count_address(address, 1)
             self.count("clients")
             self._cells[0] += 1
             return self._cells[0]
+
+    def release_client(self, address: str = "") -> None:
+        """Count a client out (its connection has ended)."""
+        self.count("clients", -1)
+        if self.max_per_addr is not None:
+            self._count_address(address, -1)
+
+    # Clients by address. One process counts them in a Counter. Workers also
+    # keep theirs in a table in the shared memory, for the others to read:
+    # open addressing, a slot being (key, count) with the key a hash of the
+    # address. A slot whose count is 0 may be taken over by another key, but
+    # a used slot never becomes empty again (but when the supervisor clears
+    # a dead worker's table), so a search for a key can stop at an empty slot.
+
+    @staticmethod
+    def _key(address: str) -> int:
+        key = int.from_bytes(hashlib.blake2b(address.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+        return key or 1  # 0 marks an empty slot
+
+    def _table(self, index: int) -> int:
+        return self._tables + 2 * self._slots * index
+
+    def _clients_from(self, address: str) -> int:
+        total = self._by_addr[address]
+        if self._slots:
+            key = self._key(address)
+            cells, mask = self._cells, self._slots - 1
+            for index in range(self._workers):
+                if index == self._index:
+                    continue
+                base, slot = self._table(index), key & mask
+                for _ in range(self._slots):  # a table full of used slots ends the search too
+                    found = cells[base + 2 * slot]
+                    if found == key:
+                        total += cells[base + 2 * slot + 1]
+                    if found == key or not found:
+                        break
+                    slot = (slot + 1) & mask
+        return total
+
+    def _count_address(self, address: str, n: int) -> None:
+        self._by_addr[address] += n
+        count = self._by_addr[address]
+        if not count:
+            del self._by_addr[address]
+        if not self._slots:
+            return
+        key = self._key(address)
+        cells, base = self._cells, self._table(self._index)
+        slot = self._slot_of.get(key)
+        if slot is None:  # a new key: the first free slot on its way
+            mask = self._slots - 1
+            slot = key & mask
+            while cells[base + 2 * slot] and cells[base + 2 * slot + 1]:
+                slot = (slot + 1) & mask
+            old = cells[base + 2 * slot]
+            if old:
+                del self._slot_of[old]
+            cells[base + 2 * slot] = key
+            self._slot_of[key] = slot
+        cells[base + 2 * slot + 1] = count
 
     def admit_room(self) -> None:
         """Count a new room in; it counts until its child is gone.
@@ -1956,8 +2119,11 @@ class Census:
             self.count("rooms")
 
     def clear(self, index: int) -> None:
-        """Forget the clients and rooms of a worker that died (the supervisor's job)."""
+        """Forget the clients, rooms and addresses of a worker that died (the supervisor's job)."""
         self._cells[self._cell("clients", index)] = self._cells[self._cell("rooms", index)] = 0
+        if self._slots:
+            base = self._table(index)
+            self._cells[base : base + 2 * self._slots] = memoryview(bytes(16 * self._slots)).cast("Q")
 
 
 class Hub:
@@ -2256,7 +2422,7 @@ class Connection(asyncio.Protocol):
             return
         if rest:
             client.receive_data(rest)
-        if not client.waiting:
+        if not client.waiting and not client.throttled:
             self.transport.resume_reading()
 
     def _too_slow(self) -> None:
@@ -2284,7 +2450,7 @@ class Client:
 
     def __init__(self, conn_id: int, request: Request, connection: Connection,
                  protocol: WebSocketProtocol, max_backlog: int = DEFAULT_MAX_BACKLOG,
-                 log_traffic: bool = False) -> None:
+                 log_traffic: bool = False, max_rate: float | None = None, burst: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
         self.id = conn_id
         self.request = request
@@ -2299,6 +2465,12 @@ class Client:
         self._clock = loop.time
         self.last_seen = self._clock()  # when the peer last sent anything
         self.waiting = False  # on a child that is behind: not read, so silent through no fault
+        self.throttled = False  # over --maxrate: not read until its messages are within the rate again
+        self._rate = max_rate  # --maxrate: a token bucket of ``burst`` messages, refilled at this rate
+        self._burst = self._tokens = burst
+        self._refilled = self._clock()
+        self._held: collections.deque[Message] = collections.deque()  # read, over the rate: wait their turn
+        self._release: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         sock = self.transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None and _SIOCOUTQ is not None else -1
@@ -2325,10 +2497,53 @@ class Client:
             if self.log_traffic:
                 log.debug("client %d: < %s %r", self.id, message.opcode.name, message.data[:80],
                           extra={"client": self.id})
-            if room is not None:
+            if room is None:
+                continue
+            if self._rate is None:
+                room.receive(self, message)
+            elif self._held or not self._take_token():
+                self._held.append(message)
+                self._throttle()
+            else:
                 room.receive(self, message)
         if protocol.state is State.CLOSED and not self.done.done():
             self.done.set_result(None)
+
+    # --maxrate. A client over the rate is not read: what it already sent
+    # waits in ``_held`` and goes to the room one message a token, and TCP
+    # holds back the rest in the client's own buffers. Nothing is dropped,
+    # and the room's child never gets more from it than the rate.
+
+    def _take_token(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _throttle(self) -> None:
+        """Stop reading until the next token, and pass on what is held then."""
+        if not self.throttled:
+            self.throttled = True
+            self.transport.pause_reading()
+        if self._release is None:
+            delay = (1 - self._tokens) / self._rate
+            self._release = asyncio.get_running_loop().call_later(delay, self._release_held)
+
+    def _release_held(self) -> None:
+        self._release = None
+        if self.done.done():
+            return
+        while self._held and self._take_token():
+            self.room.receive(self, self._held.popleft())
+        if self._held:
+            self._throttle()
+            return
+        self.throttled = False
+        if not self.waiting and self.upgraded:
+            self.transport.resume_reading()
 
     def receive_eof(self) -> None:
         self.protocol.receive_eof()
@@ -2366,8 +2581,8 @@ class Client:
     def resume(self) -> None:
         self.waiting = False
         # Before the upgrade, the upgrade resumes reading; after the connection
-        # is lost there is nothing to resume.
-        if self.upgraded and not self.done.done():
+        # is lost there is nothing to resume; over --maxrate, the next token does.
+        if self.upgraded and not self.done.done() and not self.throttled:
             self.transport.resume_reading()
 
     @property
@@ -2388,6 +2603,9 @@ class Client:
         """Cancel what the client still has pending; call when its connection is done."""
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+        if self._release is not None:
+            self._release.cancel()
+        self._held.clear()
 
 
 ###############################################################################
@@ -2728,7 +2946,7 @@ class Supervisor:
         self.directory = _private_directory()
         self.lock_path = os.path.join(self.directory, "lock")
         open(self.lock_path, "w").close()
-        self.memory = Census.shared_memory(config.workers)
+        self.memory = Census.shared_memory(config, config.workers)
         self.census = Census(config, self.memory, workers=config.workers)
         _become_subreaper()
         wake_r, wake_w = os.pipe()
@@ -3292,10 +3510,11 @@ class Server:
                 quiet = now - client.last_seen
                 if not client.upgraded:
                     continue  # its room is starting: no frame may come before its 101
-                if client.waiting:
-                    # Not read while its child is behind, so its answers wait
-                    # too. The ping still finds out if the peer is gone: a
-                    # closed socket answers it with a reset.
+                if client.waiting or client.throttled:
+                    # Not read while its child is behind (or it is over
+                    # --maxrate), so its answers wait too. The ping still
+                    # finds out if the peer is gone: a closed socket answers
+                    # it with a reset.
                     client.ping()
                 elif quiet >= 2 * interval:
                     client.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
@@ -3365,6 +3584,9 @@ class Server:
                 await self.worker.hand_over(owner, connection, head + bytes(connection._head))
                 return
             request.remote_addr = client_address(peer, request.headers, self.config.trust_proxy)
+            if self.config.pass_headers or self.config.proxy_headers:
+                request.passed = passed_headers(request.headers, self.config.pass_headers, self.config.proxy_headers,
+                                                is_trusted(peer, self.config.trust_proxy))
             if is_websocket_upgrade(request):
                 await self._serve_websocket(connection, request)
                 return
@@ -3486,16 +3708,17 @@ class Server:
             raise BadRequest(f"room {room_name!r} is not one of --rooms")
         check_origin(request, self.config.origins, self.config.same_origin)
         response, deflate = handshake_response(request, self.config.compression)
-        conn_id = self.hub.census.admit_client()
+        conn_id = self.hub.census.admit_client(request.remote_addr)
         protocol = WebSocketProtocol(self.config.max_size, deflate=deflate)
         client = Client(conn_id, request, connection, protocol, self.config.max_backlog,
-                        log_traffic=self.config.verbose >= 2)
+                        log_traffic=self.config.verbose >= 2, max_rate=self.config.max_rate,
+                        burst=self.config.max_burst)
         self.clients.add(client)
         try:
             await self._serve_client(client, room_name, request, response)
         finally:
             self.clients.discard(client)
-            self.hub.census.count("clients", -1)
+            self.hub.census.release_client(request.remote_addr)
             self.hub.leave(client)
             client.cleanup()
 
@@ -3610,6 +3833,28 @@ def _networks(value: str) -> tuple:
     return tuple(networks)
 
 
+def _header_names(value: str) -> tuple[str, ...]:
+    names = []
+    for name in _names(value):
+        if not _TOKEN.match(name):
+            raise argparse.ArgumentTypeError(f"expected header names such as X-Forwarded-User, got {name!r}")
+        if name.lower() not in names:
+            names.append(name.lower())
+    return tuple(names)
+
+
+def _rate(value: str) -> tuple[float, float]:
+    rate, sep, burst = value.partition(":")
+    try:
+        messages = float(rate)
+        most = float(burst) if sep else max(messages, 1.0)
+    except ValueError:
+        messages = most = 0.0
+    if not (0 < messages < math.inf and 1 <= most < math.inf):
+        raise argparse.ArgumentTypeError(f"expected MSGS[:BURST], messages a second > 0 and a burst >= 1, got {value!r}")
+    return messages, most
+
+
 def _workers(value: str) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -3666,7 +3911,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="framing of child output to the clients only")
     add("--joinmsg", metavar="MSG",
         help="line written to the child when a client joins; #ID, #ROOM, #REMOTE_ADDR, "
-        "#QUERY_STRING and #QUERY_<NAME> are filled in")
+        "#QUERY_STRING, #QUERY_<NAME>, #HEADER_<NAME> and #COOKIE_<NAME> are filled in")
     add("--leavemsg", metavar="MSG", help="line written to the child when a client leaves")
     add("--delimiters", type=_delimiters, metavar="CHARS",
         help="cut child output at any of these characters; escapes like \\n work (default: \\n)")
@@ -3711,6 +3956,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--trustproxy", type=_networks, default=(), metavar="LIST",
         help="comma-separated proxy addresses or networks (CIDR) whose X-Forwarded-For or "
         "Forwarded header names the client's address")
+    add("--passheaders", type=_header_names, default=(), metavar="LIST",
+        help="request headers the child sees: #HEADER_<NAME> and #COOKIE_<NAME> in --joinmsg "
+        "and --leavemsg, HTTP_<NAME> in its environment")
+    add("--proxyheaders", type=_header_names, default=(), metavar="LIST",
+        help="headers passed like --passheaders, but only from a --trustproxy peer (such as "
+        "X-Forwarded-User); empty from any other")
+    add("--maxclientsperaddr", type=_positive_int, metavar="NUM",
+        help="at most NUM WebSocket clients from one address; more get 429")
+    add("--maxrate", type=_rate, metavar="MSGS[:BURST]",
+        help="messages a second a client may send (BURST at once, default MSGS); a client over "
+        "it is not read until it is within it again")
     add("--tlscert", metavar="FILE", help="serve wss:// and https:// with this certificate chain (PEM)")
     add("--tlskey", metavar="FILE", help="the private key for --tlscert (PEM)")
     add("--compression", choices=("on", "off"), default="on",
@@ -3777,6 +4033,17 @@ def parse_args(argv: list[str]) -> Config:
     if ns.workers > 1 and ns.tlscert:
         parser.error("argument --workers: a TLS connection cannot be handed to another worker; "
                      "terminate TLS at a proxy in front (see deploy/) or serve it with --workers 1")
+    if ns.proxyheaders and not ns.trustproxy:
+        parser.error("argument --proxyheaders: needs --trustproxy, the proxies these headers may come from")
+    both = set(ns.passheaders) & set(ns.proxyheaders)
+    if both:
+        parser.error(f"argument --proxyheaders: {sorted(both)[0]} is in --passheaders too: a header that only "
+                     "the proxy may set goes in --proxyheaders alone")
+    spelled: dict[str, str] = {}
+    for name in ns.passheaders + ns.proxyheaders:
+        other = spelled.setdefault(cgi_name(name), name)
+        if other != name:
+            parser.error(f"argument --passheaders: {other} and {name} are both HTTP_{cgi_name(name)} to the child")
     if bool(ns.tlscert) != bool(ns.tlskey):
         parser.error("argument --tlscert: --tlscert and --tlskey go together")
     frame = "json" if ns.json else ns.frame
@@ -3817,6 +4084,11 @@ def parse_args(argv: list[str]) -> Config:
         origins=frozenset(origin.lower() for origin in ns.origins) if ns.origins else None,
         same_origin=ns.sameorigin,
         trust_proxy=ns.trustproxy,
+        pass_headers=ns.passheaders,
+        proxy_headers=ns.proxyheaders,
+        max_clients_per_addr=ns.maxclientsperaddr,
+        max_rate=ns.maxrate[0] if ns.maxrate else None,
+        max_burst=ns.maxrate[1] if ns.maxrate else 1.0,
         tls_cert=ns.tlscert,
         tls_key=ns.tlskey,
         compression=ns.compression == "on",

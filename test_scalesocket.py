@@ -2026,8 +2026,8 @@ options:
   --clientframe[=MODE]        framing of client messages to the child only
   --serverframe[=MODE]        framing of child output to the clients only
   --joinmsg MSG               line written to the child when a client joins; #ID, #ROOM,
-                              #REMOTE_ADDR, #QUERY_STRING and #QUERY_<NAME> are filled
-                              in
+                              #REMOTE_ADDR, #QUERY_STRING, #QUERY_<NAME>, #HEADER_<NAME>
+                              and #COOKIE_<NAME> are filled in
   --leavemsg MSG              line written to the child when a client leaves
   --delimiters=CHARS          cut child output at any of these characters; escapes like
                               \\n work (default: \\n)
@@ -2068,6 +2068,17 @@ options:
   --trustproxy LIST           comma-separated proxy addresses or networks (CIDR) whose
                               X-Forwarded-For or Forwarded header names the client's
                               address
+  --passheaders LIST          request headers the child sees: #HEADER_<NAME> and
+                              #COOKIE_<NAME> in --joinmsg and --leavemsg, HTTP_<NAME> in
+                              its environment
+  --proxyheaders LIST         headers passed like --passheaders, but only from a
+                              --trustproxy peer (such as X-Forwarded-User); empty from
+                              any other
+  --maxclientsperaddr NUM     at most NUM WebSocket clients from one address; more get
+                              429
+  --maxrate MSGS[:BURST]      messages a second a client may send (BURST at once,
+                              default MSGS); a client over it is not read until it is
+                              within it again
   --tlscert FILE              serve wss:// and https:// with this certificate chain
                               (PEM)
   --tlskey FILE               the private key for --tlscert (PEM)
@@ -2742,6 +2753,20 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
         (["--trustproxy", "10.0.0.0/33", "cat"], "--trustproxy"),
         (["--trustproxy", "proxy.example", "cat"], "--trustproxy"),
         (["--trustproxy", ",", "cat"], "--trustproxy"),
+        (["--passheaders", "X-User,Bad Name", "cat"], "--passheaders"),
+        (["--passheaders", "X-User,Bad:Name", "cat"], "--passheaders"),
+        (["--passheaders", "X-User,", "--passheaders", ",", "cat"], "--passheaders"),
+        (["--passheaders", "X_User,x-user", "cat"], "--passheaders"),
+        (["--proxyheaders", "X-Forwarded-User", "cat"], "--proxyheaders"),
+        (["--passheaders", "X-User", "--proxyheaders", "x-user", "--trustproxy", "127.0.0.1", "cat"], "--proxyheaders"),
+        (["--maxclientsperaddr", "0", "cat"], "--maxclientsperaddr"),
+        (["--maxclientsperaddr", "many", "cat"], "--maxclientsperaddr"),
+        (["--maxrate", "0", "cat"], "--maxrate"),
+        (["--maxrate", "abc", "cat"], "--maxrate"),
+        (["--maxrate", "5:0", "cat"], "--maxrate"),
+        (["--maxrate", "5:x", "cat"], "--maxrate"),
+        (["--maxrate", "-1", "cat"], "--maxrate"),
+        (["--maxrate", "nan", "cat"], "--maxrate"),
         (["--workers", "2", "--oneshot", "cat"], "--workers"),
         (["--workers", "2", "--tlscert", "c.pem", "--tlskey", "k.pem", "cat"], "--workers"),
         (["--workers", "0", "cat"], "--workers"),
@@ -4108,3 +4133,244 @@ def test_api_page_in_a_browser_lists_rooms_and_drops_a_closed_one(chromium, work
         for client in clients:
             client.close()
         assert server.stop() == 0
+
+
+###############################################################################
+# Who each client is: --passheaders, --proxyheaders, cookies ##################
+###############################################################################
+
+
+def test_header_values_may_hold_obs_text_but_the_request_line_and_names_may_not():
+    """Bytes over 0x7F pass in header values, as they came (RFC 9110 obs-text); the request line and names stay ASCII."""
+    request = ss.parse_request("GET /r HTTP/1.1\r\nHost: x\r\nCookie: name=Zoë; city=Kraków\r\n\r\n".encode("utf-8"))
+    assert request.headers["cookie"].encode("latin-1") == "name=Zoë; city=Kraków".encode("utf-8")
+    for head, reason in [
+        ("GET /Zoë HTTP/1.1\r\nHost: x\r\n\r\n".encode("utf-8"), "request line is not ASCII"),
+        ("GET / HTTP/1.1\r\nHost: x\r\nNämé: v\r\n\r\n".encode("utf-8"), "malformed header line"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x1bb\r\n\r\n", "control character in the request head"),
+    ]:
+        with pytest.raises(ss.BadRequest) as exc:
+            ss.parse_request(head)
+        assert exc.value.reason == reason
+
+
+def test_repeated_headers_join_with_commas_and_cookies_with_semicolons():
+    """A header sent twice is one value joined by ', ' (RFC 9110 §5.3); Cookie headers are joined by '; '."""
+    request = ss.parse_request(b"GET / HTTP/1.1\r\nHost: x\r\nX-Role: a\r\nCookie: a=1\r\nX-Role: b\r\n"
+                               b"Cookie: b=2\r\n\r\n")
+    assert request.headers["x-role"] == "a, b" and request.headers["cookie"] == "a=1; b=2"
+    assert ss.parse_cookies(request.headers["cookie"]) == {"a": "1", "b": "2"}
+
+
+@pytest.mark.parametrize("header, cookies", [
+    ("session=abc; theme=dark", {"session": "abc", "theme": "dark"}),
+    ('session="quoted value"; x=""', {"session": "quoted value", "x": ""}),
+    ("flag; =novalue; ;; session=abc;", {"session": "abc"}),  # no '=', empty name, empty pairs
+    ("session=first; session=second", {"session": "first"}),  # the most specific comes first
+    ("a=b=c;  spaced = out ", {"a": "b=c", "spaced": "out"}),
+    ("", {}),
+    ('"; ;=;"', {}),
+])
+def test_parse_cookies_takes_what_rfc_6265_allows_and_never_raises(header, cookies):
+    """Malformed cookies (no '=', quotes, empty pairs, a repeated name) give a clear result, never an error."""
+    assert ss.parse_cookies(header) == cookies
+
+
+def test_proxy_headers_pass_only_from_a_trusted_peer():
+    """--proxyheaders reach the child only from a --trustproxy peer; --passheaders from anyone; others never."""
+    headers = {"cookie": "s=1", "x-forwarded-user": "alice", "x-secret": "no"}
+    trusted = ss.passed_headers(headers, ("cookie",), ("x-forwarded-user",), True)
+    assert trusted == {"cookie": "s=1", "x-forwarded-user": "alice"}
+    assert ss.passed_headers(headers, ("cookie",), ("x-forwarded-user",), False) == {"cookie": "s=1"}
+    assert ss.is_trusted("127.0.0.1", ss._networks("127.0.0.0/30")) and not ss.is_trusted("127.0.0.5", ss._networks("127.0.0.0/30"))
+    assert not ss.is_trusted("", ss._networks("127.0.0.1")) and not ss.is_trusted("127.0.0.1", ())
+
+
+_AWKWARD = 'a"b#ID%41\\c é"},"_from":0,"x":"'  # quotes, a variable name, a %, a backslash, non-ASCII
+
+
+@pytest.mark.parametrize("template", ['{"t":"Join","_from":#ID,"user":"#HEADER_X_USER","s":"#COOKIE_session"}',
+                                      "join #ID #HEADER_X_USER #COOKIE_session #HEADER_X_NOT_SENT."])
+def test_header_and_cookie_values_cannot_break_or_inject_into_a_template(template):
+    """#HEADER_ and #COOKIE_ values are percent-encoded bytes as sent: JSON stays valid, no variable is brought in."""
+    raw = _AWKWARD.encode("utf-8").decode("latin-1")  # as parse_request holds the bytes
+    request = ss.Request("GET", "/r", "/r", "", {}, passed={"x-user": raw, "cookie": f"session={raw}; other=1"})
+    line = ss.render_template(template, 7, "r", request)
+    encoded = urllib.parse.quote(_AWKWARD.encode("utf-8"), safe="")
+    assert encoded == "a%22b%23ID%2541%5Cc%20%C3%A9%22%7D%2C%22_from%22%3A0%2C%22x%22%3A%22"
+    if template.startswith("{"):
+        assert json.loads(line) == {"t": "Join", "_from": 7, "user": encoded, "s": encoded}
+    else:
+        assert line == f"join 7 {encoded} {encoded} ."
+    assert urllib.parse.unquote(encoded) == _AWKWARD
+
+
+def test_cookie_names_match_the_way_query_names_do():
+    """#COOKIE_<NAME> finds the cookie named in lower case, else as written, like #QUERY_<NAME>."""
+    request = ss.Request("GET", "/r", "/r", "", {}, passed={"cookie": "sid=lower; SID=upper; Mixed=m"})
+    assert ss.render_template("#COOKIE_SID #COOKIE_sid #COOKIE_Mixed #COOKIE_nope.", 1, "r", request) == "lower lower m ."
+    # Without Cookie in --passheaders there are no cookies to fill in.
+    request = ss.Request("GET", "/r", "/r", "", {"cookie": "sid=x"})
+    assert ss.render_template("[#COOKIE_sid]", 1, "r", request) == "[]"
+
+
+ENV_CHILD = ("import os, sys\n"
+             "print(repr({k: os.environb[k] for k in sorted(os.environb) if k.startswith(b'HTTP_')}), flush=True)\n"
+             "for line in sys.stdin:\n    print(line, end='', flush=True)")
+
+
+def test_passed_headers_reach_the_child_environment_and_the_templates(serve):
+    """--passheaders: HTTP_<NAME> in the opener's child environment with the bytes as sent, #HEADER_/#COOKIE_ in joins."""
+    server = serve("--passheaders", "X-User,Cookie", "--joinmsg", "join #ID #HEADER_X_USER #COOKIE_name #HEADER_X_OTHER.",
+                   "--leavemsg", "leave #ID #HEADER_X_USER", *py_child(ENV_CHILD))
+    cookie = "name=Zoë; a=1"  # a UTF-8 cookie, as a browser sends it: obs-text on the wire
+    first = ws_connect("127.0.0.1", server.port, "/env", {"X-User": "alice", "X-Other": "no", "Cookie": cookie})
+    assert first.recv() == (Opcode.TEXT, repr({b"HTTP_COOKIE": cookie.encode(), b"HTTP_X_USER": b"alice"}).encode())
+    assert first.recv() == (Opcode.TEXT, b"join 1 alice Zo%C3%AB .")
+    second = ws_connect("127.0.0.1", server.port, "/env", {"X-User": "bob, carol"})  # no cookie: empty
+    assert first.recv() == (Opcode.TEXT, b"join 2 bob%2C%20carol  .")
+    second.close()
+    assert first.recv() == (Opcode.TEXT, b"leave 2 bob%2C%20carol")
+    first.close()
+
+
+@pytest.mark.parametrize("source, user", [("127.0.0.1", b"alice"), ("127.0.0.5", b"")])
+def test_proxy_headers_from_an_untrusted_peer_arrive_empty(serve, source, user):
+    """--proxyheaders X-Forwarded-User: believed from a --trustproxy peer, empty (and unset) from any other."""
+    server = serve("--passheaders", "Cookie", "--proxyheaders", "X-Forwarded-User", "--trustproxy", "127.0.0.1",
+                   "--joinmsg", "join [#HEADER_X_FORWARDED_USER] [#COOKIE_s]", *py_child(ENV_CHILD))
+    client = ws_connect("127.0.0.1", server.port, "/who", {"X-Forwarded-User": "alice", "Cookie": "s=1"}, source=source)
+    env = {b"HTTP_COOKIE": b"s=1", **({b"HTTP_X_FORWARDED_USER": user} if user else {})}
+    assert client.recv() == (Opcode.TEXT, repr(dict(sorted(env.items()))).encode())
+    assert client.recv() == (Opcode.TEXT, b"join [" + user + b"] [1]")
+    client.close()
+
+
+def test_a_header_over_maxhead_gets_431_and_the_server_goes_on(serve):
+    """A cookie that takes the head over --maxhead is 431; nothing starts, and the next client is served."""
+    server = serve("--maxhead", "2048", "--passheaders", "Cookie", "--api", "cat")
+    with pytest.raises(HandshakeFailed) as exc:
+        server.connect("/big", headers={"Cookie": "s=" + "x" * 4096})
+    assert exc.value.status == 431
+    assert json.loads(http_request(server.port, "/api/rooms")[2]) == []
+    client = server.connect("/big", headers={"Cookie": "s=small"})
+    client.send_text("still here")
+    assert client.recv() == (Opcode.TEXT, b"still here")
+    client.close()
+
+
+###############################################################################
+# A fair share: --maxclientsperaddr, --maxrate ################################
+###############################################################################
+
+
+def _rooms_for_each_worker(workers: int, per: int = 1) -> list[str]:
+    """Room names such that each worker owns ``per`` of them (the owner of room i is i % workers)."""
+    names: list[str] = []
+    for index in range(workers * per):
+        names.append(next(f"fair{i}" for i in range(1000) if ss.worker_of(f"fair{i}", workers) == index % workers
+                          and f"fair{i}" not in names))
+    return names
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_maxclientsperaddr_holds_server_wide_with_429(workers):
+    """--maxclientsperaddr 3: a fourth connection from one address is 429 with Retry-After, whichever worker owns
+    its room; another address is served; a closed connection frees its place."""
+    server = CLIServer("--maxclientsperaddr", "3", "--workers", str(workers), "--trustproxy", "127.0.0.9", "cat")
+    rooms = _rooms_for_each_worker(workers, 4 // workers)  # 4 rooms, spread over the workers
+    clients = []
+    try:
+        clients = [ws_connect("127.0.0.1", server.port, f"/{room}", source="127.0.0.2") for room in rooms[:3]]
+        for room in rooms:
+            with pytest.raises(HandshakeFailed) as exc:
+                ws_connect("127.0.0.1", server.port, f"/{room}", source="127.0.0.2")
+            assert exc.value.status == 429 and "retry-after: 5" in exc.value.head.lower()
+            assert b"too many connections from 127.0.0.2 (at most 3)" in exc.value.body
+        other = ws_connect("127.0.0.1", server.port, f"/{rooms[3]}", source="127.0.0.3")
+        clients.append(other)
+        # The address a trusted proxy names is the one that counts.
+        forwarded = [ws_connect("127.0.0.1", server.port, f"/{room}", {"X-Forwarded-For": "192.0.2.1"},
+                                source="127.0.0.9") for room in rooms[:3]]
+        clients += forwarded
+        with pytest.raises(HandshakeFailed) as exc:
+            ws_connect("127.0.0.1", server.port, f"/{rooms[0]}", {"X-Forwarded-For": "192.0.2.1"}, source="127.0.0.9")
+        assert exc.value.status == 429
+        clients.append(ws_connect("127.0.0.1", server.port, f"/{rooms[0]}", {"X-Forwarded-For": "192.0.2.2"},
+                                  source="127.0.0.9"))
+        # One of 127.0.0.2's connections ends: its place is free again, in any worker's room.
+        clients.pop(0).close()
+        wait_until(lambda: _connects(server.port, f"/{rooms[-1]}", "127.0.0.2", clients), what="a free place")
+    finally:
+        for client in clients:
+            client.close()
+        assert server.stop() == 0
+    assert not any("Traceback" in line or "ERROR" in line for line in server.lines), server.lines
+
+
+def _connects(port: int, path: str, source: str, keep: list) -> bool:
+    try:
+        keep.append(ws_connect("127.0.0.1", port, path, source=source))
+    except HandshakeFailed as exc:
+        assert exc.status == 429
+        return False
+    return True
+
+
+def test_census_address_tables_count_each_workers_clients_and_forget_a_dead_one():
+    """With --workers the per-address counts are shared: each worker sees the others', a cleared worker counts none."""
+    config = _config("--maxclientsperaddr", "2", "--maxclients", "8", "cat")
+    memory = ss.Census.shared_memory(config, 3)
+    lock = tempfile.NamedTemporaryFile()
+    census = [ss.Census(config, memory, index, 3, lock.name) for index in range(3)]
+    census[0].admit_client("10.0.0.1")
+    census[1].admit_client("10.0.0.1")
+    with pytest.raises(ss.TooManyRequests):
+        census[2].admit_client("10.0.0.1")
+    census[2].admit_client("10.0.0.2")
+    census[1].release_client("10.0.0.1")
+    census[2].admit_client("10.0.0.1")
+    with pytest.raises(ss.TooManyRequests):
+        census[1].admit_client("10.0.0.1")
+    # Many addresses come and go through one worker: its table never fills up.
+    for n in range(100):
+        census[1].admit_client(f"10.1.0.{n}")
+        census[1].release_client(f"10.1.0.{n}")
+    supervisor = ss.Census(config, memory, workers=3)
+    supervisor.clear(2)  # worker 2 died: its clients are gone
+    census[1].admit_client("10.0.0.1")
+    with pytest.raises(ss.TooManyRequests):
+        census[0].admit_client("10.0.0.1")
+
+
+FLOOD_SIZE = 60  # messages a flooder sends at once
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_maxrate_slows_a_flooder_loses_nothing_and_serves_others_first(workers):
+    """--maxrate 20:5: 60 messages sent at once all come back in order, over at least (60-5)/20 s, while another
+    client of the room is served at once instead of behind the flood."""
+    server = CLIServer("--maxrate", "20:5", "--workers", str(workers), "cat")
+    flooder = ws_connect("127.0.0.1", server.port, "/flood")
+    other = ws_connect("127.0.0.1", server.port, "/flood")
+    try:
+        started = time.monotonic()
+        flooder.sock.sendall(b"".join(_masked_text(f"f{n}".encode()) for n in range(FLOOD_SIZE)))
+        assert other.recv() == (Opcode.TEXT, b"f0")  # the flood has begun
+        other.send_text("mine")
+        seen = []
+        while len(seen) < FLOOD_SIZE:  # f1 ... f59, and "mine" somewhere among them
+            opcode, data = other.recv()
+            seen.append(data.decode())
+        elapsed = time.monotonic() - started
+        assert [m for m in ["f0"] + seen if m != "mine"] == [f"f{n}" for n in range(FLOOD_SIZE)]  # nothing lost, in order
+        assert seen.index("mine") < FLOOD_SIZE // 2, seen  # served at once, not behind the flood
+        assert elapsed >= (FLOOD_SIZE - 5) / 20 * 0.95  # the flood was slowed to the rate (a lower bound)
+    finally:
+        flooder.close()
+        other.close()
+        assert server.stop() == 0
+
+
+def _masked_text(payload: bytes) -> bytes:
+    return ss.encode_frame(Opcode.TEXT, payload, mask_key=os.urandom(4))
