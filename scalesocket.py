@@ -52,7 +52,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "__version__",
@@ -4044,6 +4044,13 @@ def parse_args(argv: list[str]) -> Config:
         other = spelled.setdefault(cgi_name(name), name)
         if other != name:
             parser.error(f"argument --passheaders: {other} and {name} are both HTTP_{cgi_name(name)} to the child")
+    for option, template in (("--joinmsg", ns.joinmsg), ("--leavemsg", ns.leavemsg)):
+        for kind, name in re.findall(r"#(HEADER|COOKIE)_([A-Za-z0-9_]+)", template or ""):
+            header = "COOKIE" if kind == "COOKIE" else name.upper()
+            if header not in spelled:
+                parser.error(f"argument {option}: #{kind}_{name} needs "
+                             f"{'Cookie' if kind == 'COOKIE' else header.replace('_', '-').title()} "
+                             "in --passheaders or --proxyheaders")
     if bool(ns.tlscert) != bool(ns.tlskey):
         parser.error("argument --tlscert: --tlscert and --tlskey go together")
     frame = "json" if ns.json else ns.frame
