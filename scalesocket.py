@@ -52,7 +52,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "__version__",
@@ -3272,7 +3272,7 @@ API_PAGE = """<!doctype html>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; }
 table { border-collapse: collapse; min-width: 40em; }
 th, td { text-align: left; padding: .3em .8em; border-bottom: 1px solid #ddd; vertical-align: top; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.n { text-align: right; font-variant-numeric: tabular-nums; }
 td.meta { font: 12px ui-monospace, monospace; white-space: pre-wrap; max-width: 40em; }
 #totals { display: flex; gap: 2em; margin: 1em 0; }
 #totals div { font-size: 1.6em; } #totals span { display: block; font-size: .55em; color: #666; }
@@ -3280,7 +3280,7 @@ td.meta { font: 12px ui-monospace, monospace; white-space: pre-wrap; max-width: 
 </style>
 </head>
 <body>
-<h1>Rooms</h1>
+<h1>Rooms of this scalesocket.py</h1>
 <p id="status">loading...</p>
 <div id="totals" hidden>
 <div><b id="clients">-</b><span>clients</span></div>
@@ -3289,7 +3289,7 @@ td.meta { font: 12px ui-monospace, monospace; white-space: pre-wrap; max-width: 
 <div><b id="out">-</b><span>messages out / s</span></div>
 </div>
 <table>
-<thead><tr><th>room</th><th>connections</th><th>open for</th><th>metadata</th></tr></thead>
+<thead><tr><th>room</th><th class="n">connections</th><th class="n">open for</th><th>metadata</th></tr></thead>
 <tbody id="rooms"></tbody>
 </table>
 <script>
@@ -4044,6 +4044,13 @@ def parse_args(argv: list[str]) -> Config:
         other = spelled.setdefault(cgi_name(name), name)
         if other != name:
             parser.error(f"argument --passheaders: {other} and {name} are both HTTP_{cgi_name(name)} to the child")
+    for option, template in (("--joinmsg", ns.joinmsg), ("--leavemsg", ns.leavemsg)):
+        for kind, name in re.findall(r"#(HEADER|COOKIE)_([A-Za-z0-9_]+)", template or ""):
+            header = "COOKIE" if kind == "COOKIE" else name.upper()
+            if header not in spelled:
+                parser.error(f"argument {option}: #{kind}_{name} needs "
+                             f"{'Cookie' if kind == 'COOKIE' else header.replace('_', '-').title()} "
+                             "in --passheaders or --proxyheaders")
     if bool(ns.tlscert) != bool(ns.tlskey):
         parser.error("argument --tlscert: --tlscert and --tlskey go together")
     frame = "json" if ns.json else ns.frame

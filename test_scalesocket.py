@@ -2759,6 +2759,8 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
         (["--passheaders", "X_User,x-user", "cat"], "--passheaders"),
         (["--proxyheaders", "X-Forwarded-User", "cat"], "--proxyheaders"),
         (["--passheaders", "X-User", "--proxyheaders", "x-user", "--trustproxy", "127.0.0.1", "cat"], "--proxyheaders"),
+        (["--joinmsg", "#HEADER_X_USER", "cat"], "--joinmsg"),
+        (["--passheaders", "X-User", "--leavemsg", "#COOKIE_sid", "cat"], "--leavemsg"),
         (["--maxclientsperaddr", "0", "cat"], "--maxclientsperaddr"),
         (["--maxclientsperaddr", "many", "cat"], "--maxclientsperaddr"),
         (["--maxrate", "0", "cat"], "--maxrate"),
@@ -4221,14 +4223,14 @@ ENV_CHILD = ("import os, sys\n"
 
 def test_passed_headers_reach_the_child_environment_and_the_templates(serve):
     """--passheaders: HTTP_<NAME> in the opener's child environment with the bytes as sent, #HEADER_/#COOKIE_ in joins."""
-    server = serve("--passheaders", "X-User,Cookie", "--joinmsg", "join #ID #HEADER_X_USER #COOKIE_name #HEADER_X_OTHER.",
+    server = serve("--passheaders", "X-User,Cookie", "--joinmsg", "join #ID #HEADER_X_USER #COOKIE_name.",
                    "--leavemsg", "leave #ID #HEADER_X_USER", *py_child(ENV_CHILD))
     cookie = "name=Zoë; a=1"  # a UTF-8 cookie, as a browser sends it: obs-text on the wire
     first = ws_connect("127.0.0.1", server.port, "/env", {"X-User": "alice", "X-Other": "no", "Cookie": cookie})
     assert first.recv() == (Opcode.TEXT, repr({b"HTTP_COOKIE": cookie.encode(), b"HTTP_X_USER": b"alice"}).encode())
-    assert first.recv() == (Opcode.TEXT, b"join 1 alice Zo%C3%AB .")
+    assert first.recv() == (Opcode.TEXT, b"join 1 alice Zo%C3%AB.")
     second = ws_connect("127.0.0.1", server.port, "/env", {"X-User": "bob, carol"})  # no cookie: empty
-    assert first.recv() == (Opcode.TEXT, b"join 2 bob%2C%20carol  .")
+    assert first.recv() == (Opcode.TEXT, b"join 2 bob%2C%20carol .")
     second.close()
     assert first.recv() == (Opcode.TEXT, b"leave 2 bob%2C%20carol")
     first.close()
