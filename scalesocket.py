@@ -4039,6 +4039,10 @@ def parse_args(argv: list[str]) -> Config:
     if both:
         parser.error(f"argument --proxyheaders: {sorted(both)[0]} is in --passheaders too: a header that only "
                      "the proxy may set goes in --proxyheaders alone")
+    if "proxy" in ns.passheaders + ns.proxyheaders:
+        # httpoxy: HTTP_PROXY is the variable HTTP libraries take their proxy from.
+        parser.error("argument --passheaders: Proxy would be HTTP_PROXY to the child, the proxy its HTTP "
+                     "libraries use: any client could choose it")
     spelled: dict[str, str] = {}
     for name in ns.passheaders + ns.proxyheaders:
         other = spelled.setdefault(cgi_name(name), name)

@@ -2757,6 +2757,7 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
         (["--passheaders", "X-User,Bad:Name", "cat"], "--passheaders"),
         (["--passheaders", "X-User,", "--passheaders", ",", "cat"], "--passheaders"),
         (["--passheaders", "X_User,x-user", "cat"], "--passheaders"),
+        (["--passheaders", "Cookie,Proxy", "cat"], "--passheaders"),
         (["--proxyheaders", "X-Forwarded-User", "cat"], "--proxyheaders"),
         (["--passheaders", "X-User", "--proxyheaders", "x-user", "--trustproxy", "127.0.0.1", "cat"], "--proxyheaders"),
         (["--joinmsg", "#HEADER_X_USER", "cat"], "--joinmsg"),
