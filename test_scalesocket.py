@@ -4237,6 +4237,27 @@ def test_passed_headers_reach_the_child_environment_and_the_templates(serve):
     first.close()
 
 
+def test_awkward_header_values_and_malformed_cookies_on_a_real_server(serve):
+    """Through a real server and cat: a header holding quotes, #, %, backslash and UTF-8 keeps a --json join line
+    valid JSON, a plain line intact, and a malformed Cookie header still yields the one good cookie."""
+    server = serve("--frame=json", "--passheaders", "X-Note,Cookie",
+                   "--joinmsg", '{"t":"Join","_from":#ID,"note":"#HEADER_X_NOTE","name":"#COOKIE_name"}',
+                   "--leavemsg", "plain #HEADER_X_NOTE #COOKIE_name", "cat")
+    cookie = 'flag; =x; ;; name="Zoë"; name=second'
+    first = ws_connect("127.0.0.1", server.port, "/awk", {"X-Note": _AWKWARD, "Cookie": cookie})
+    join = json.loads(first.recv()[1])
+    assert join == {"t": "Join", "_from": 1, "note": urllib.parse.quote(_AWKWARD.encode(), safe=""),
+                    "name": "Zo%C3%AB"}
+    assert urllib.parse.unquote(join["note"]) == _AWKWARD
+    watcher = ws_connect("127.0.0.1", server.port, "/awk")
+    assert json.loads(first.recv()[1])["_from"] == 2
+    assert json.loads(watcher.recv()[1]) == {"t": "Join", "_from": 2, "note": "", "name": ""}
+    first.close()
+    opcode, line = watcher.recv()  # not JSON: broadcast as written
+    assert line == ("plain " + urllib.parse.quote(_AWKWARD.encode(), safe="") + " Zo%C3%AB").encode()
+    watcher.close()
+
+
 @pytest.mark.parametrize("source, user", [("127.0.0.1", b"alice"), ("127.0.0.5", b"")])
 def test_proxy_headers_from_an_untrusted_peer_arrive_empty(serve, source, user):
     """--proxyheaders X-Forwarded-User: believed from a --trustproxy peer, empty (and unset) from any other."""
