@@ -2527,10 +2527,17 @@ class Worker:
         self._state_server = await loop.create_unix_server(lambda: Connection(server, internal=True), path)
 
     def close(self) -> None:
+        """Stop taking connections from the other workers; answer 503 to those already sent.
+
+        Until then, a closing worker answers each connection handed to it
+        with 503 (see ``_receive``), as the others do not know it is closing.
+        """
         loop = asyncio.get_running_loop()
         if self._handover is not None:
             loop.remove_reader(self._handover.fileno())
             self._handover.close()
+        for sock in list(self._inbound):
+            self._receive(sock)  # messages still queued: each gets its 503
         for sock in list(self._inbound) + list(self._peers.values()):
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(sock.fileno())
@@ -2628,7 +2635,7 @@ class Worker:
             for fd in fds:
                 client = socket.socket(fileno=fd)
                 if self._server.closing:
-                    client.close()  # the client sees its connection end, as if this worker had accepted it
+                    _refuse(client, data, "this worker is shutting down")
                     continue
                 client.setblocking(False)
                 loop.create_task(self._adopt(client, data))
@@ -2665,6 +2672,24 @@ class Worker:
         finally:
             if writer is not None:
                 writer.close()
+
+
+def _refuse(sock: socket.socket, data: bytes, reason: str) -> None:
+    """Answer 503 with Retry-After on a raw socket whose request ``data`` was read, then close it.
+
+    No transport is built for a connection that is only refused. A new
+    socket's send buffer is empty, so the answer fits in one send.
+    """
+    exc = ServiceUnavailable(reason, [("Retry-After", "1")])
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(error_response(exc, head_only=data.startswith(b"HEAD ")))
+        sock.shutdown(socket.SHUT_WR)
+        # Bytes left unread at close turn the FIN into a RST, which can
+        # destroy the answer before the peer reads it: read what is there.
+        while sock.recv(65536):
+            pass
+    sock.close()
 
 
 _SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
@@ -3127,8 +3152,6 @@ class Server:
         self.closing = True
         if self._server is not None:
             self._server.close()  # stop accepting
-        if self.worker is not None:
-            self.worker.close()  # and taking connections from the other workers
         if self._keepalive is not None:
             self._keepalive.cancel()
         for connection in list(self.connections):
@@ -3146,6 +3169,8 @@ class Server:
         for connection in list(self.connections):
             connection.transport.abort()  # a peer that never answered the close
         await children
+        if self.worker is not None:
+            self.worker.close()  # only now: until then, a connection handed over gets a 503
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=1.0)
             for task in pending:

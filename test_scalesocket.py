@@ -3587,6 +3587,35 @@ def test_workers_serve_static_files_and_health_from_any_worker(tmp_path):
         assert server.stop() == 0
 
 
+def _owned_room(index: int, workers: int, prefix: str = "r") -> str:
+    """A room that worker ``index`` of ``workers`` owns."""
+    return next(f"{prefix}{i}" for i in range(1000) if ss.worker_of(f"{prefix}{i}", workers) == index)
+
+
+STUBBORN = "import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid(), flush=True)\n" \
+    "for line in sys.stdin: print(line, end='', flush=True)\n"  # says its pid, echoes, ignores SIGTERM
+
+
+def test_closing_worker_answers_a_connection_handed_to_it_with_503():
+    """A worker that is shutting down answers a connection another worker hands it with 503 and Retry-After."""
+    server = CLIServer("--workers", "2", *py_child(STUBBORN))
+    try:
+        room = _owned_room(0, 2)
+        client = ws_connect("127.0.0.1", server.port, f"/{room}")
+        child = int(client.recv_text())
+        owner = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
+        os.kill(owner, signal.SIGTERM)  # that worker alone: its child ignores SIGTERM, so it closes for KILL_GRACE
+        wait_until(lambda: any("[worker 0] shutting down" in line for line in server.lines), what="worker 0 closing")
+        # It accepts nothing more: worker 1 accepts, and hands the connection to the room's owner.
+        with pytest.raises(HandshakeFailed) as refused:
+            ws_connect("127.0.0.1", server.port, f"/{room}")
+        assert refused.value.status == 503, refused.value.head
+        assert "Retry-After: 1" in refused.value.head and b"shutting down" in refused.value.body
+        assert client.recv_close() == (1001, "server shutting down")
+    finally:
+        assert server.stop() == 0
+
+
 def test_worker_of_is_stable_and_spreads_rooms():
     """The room-to-worker hash is the same in every process (not Python's salted hash) and spreads rooms."""
     code = "import scalesocket; print([scalesocket.worker_of(f'room{i}', 3) for i in range(40)])"
