@@ -37,6 +37,7 @@ import os
 import re
 import resource
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -2100,10 +2101,12 @@ class Connection(asyncio.Protocol):
     the transport's write buffer is full.
     """
 
-    def __init__(self, server: Server, preread: bytes = b"", *, handed: bool = False, internal: bool = False) -> None:
+    def __init__(self, server: Server, preread: bytes = b"", *, handed: bool = False, internal: bool = False,
+                 deadline: float | None = None) -> None:
         self.server = server
-        self.preread = preread  # a connection handed over by another worker: the bytes it read
-        self.handed = handed  # handed over: this worker owns its room, whatever comes
+        self.preread = preread  # accepted by a worker, which read these bytes to find the room
+        self.handed = handed  # routed by a worker: this one owns its room, whatever comes
+        self.deadline = deadline  # loop time by which the head must be in (default: --handshaketimeout from now)
         self.internal = internal  # from another worker, on the private socket: may ask for /_worker/state
         self.transport: asyncio.Transport | None = None
         self.client: Client | None = None  # after the upgrade
@@ -2120,7 +2123,10 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.transport = transport
         self.closed = loop.create_future()
-        self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
+        if self.deadline is None:
+            self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
+        else:
+            self._timer = loop.call_at(self.deadline, self._too_slow)
         self.server.connections.add(self)
         self.server.accept_failing = False
         if self.preread:
@@ -2467,6 +2473,8 @@ _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # a descriptor received 
 LISTEN_BACKLOG = 1024  # connections the kernel queues for the workers to accept
 HANDOVER_MAX = 128 * 1024  # bytes read before a connection is handed over (the head, and what came with it)
 HANDOVER_TIMEOUT = 3.0  # seconds to get a connection to its worker (one that restarts takes about one)
+ACCEPT_BATCH = 16  # connections accepted a wake-up: one worker wakes for a burst, the others for the next
+FIRST_READ = 64 * 1024  # bytes read at once from a new connection, until its request line is in
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps dying
 STABLE_AFTER = 10.0  # seconds a worker must live for its restarts to start over from no wait
 
@@ -2480,15 +2488,83 @@ def worker_of(room: str, workers: int) -> int:
     return int.from_bytes(digest, "big") % workers
 
 
+def room_of_request_line(line: bytes, api: bool) -> str | None:
+    """Return the room whose worker serves a request, from its request line alone; None for any worker.
+
+    A path /ROOM (a valid room name, not a reserved one) names ROOM whatever
+    the method and the headers, which are not in yet: a request for
+    /index.html goes to the worker of room 'index.html', which serves static
+    files as well as any worker. With --api, /api/ROOM/... names ROOM. Anything
+    else (/health, /metrics, /api/rooms, a file in a subdirectory, a request
+    line that is not one) names none: the worker that read it answers.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[1].startswith(b"/"):
+        return None
+    path = parts[1].decode("latin-1").partition("?")[0]
+    if api and path.startswith("/api/") and path != "/api/rooms":
+        return urllib.parse.unquote(path.split("/")[2])  # as Server._owner reads it
+    try:
+        return room_from_path(path)
+    except HTTPError:
+        return None
+
+
+class _ExclusiveSelector(selectors.EpollSelector):
+    """An epoll selector that waits on some descriptors with EPOLLEXCLUSIVE (Linux 4.5+).
+
+    Given the listening socket that every worker shares: a new connection
+    wakes one worker waiting in epoll, not all of them (the others would
+    each wake to find nothing to accept). The kernel accepts the flag only
+    when a descriptor is added, never in a modification: such a descriptor
+    is only ever read, so asyncio adds and removes it and never modifies it.
+    """
+
+    def __init__(self, exclusive: tuple[int, ...]) -> None:
+        super().__init__()
+        self.exclusive = frozenset(exclusive)
+
+    def register(self, fileobj, events, data=None):
+        key = super().register(fileobj, events, data)
+        if key.fd in self.exclusive:
+            if events != selectors.EVENT_READ:
+                super().unregister(fileobj)
+                raise ValueError("a descriptor waited on exclusively can only be read")
+            self._selector.unregister(key.fd)  # added again, now with the flag
+            self._selector.register(key.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        return key
+
+    def modify(self, fileobj, events, data=None):
+        key = self.get_key(fileobj)
+        if key.fd in self.exclusive and events != key.events:
+            raise ValueError("a descriptor waited on exclusively can only be read")
+        return super().modify(fileobj, events, data)
+
+
+class _Arriving:
+    """A connection just accepted whose request line is not in yet."""
+
+    __slots__ = ("sock", "data", "deadline", "timer")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.data = b""
+        self.deadline = deadline  # for its whole request head, as --handshaketimeout says
+        self.timer: asyncio.TimerHandle | None = None  # and a reader, while it waits for bytes
+
+
 class Worker:
     """This process's place among the workers: which rooms it owns, and the way to the others.
 
-    Any worker may accept a connection. Once its request head is in, the room
-    is known, and a worker that does not own it hands the socket itself, with
-    the bytes already read, to the owner (SCM_RIGHTS over a Unix seqpacket
-    socket); the owner serves it as if it had accepted it. Each worker also
-    answers the others' questions about its rooms (``/_worker/state`` on a
-    Unix stream socket), which /metrics and /api/rooms merge.
+    Every worker accepts connections on the shared listening socket itself,
+    with no transport: as soon as a connection's request line is in, the
+    room is known (``room_of_request_line``), and a worker that does not own
+    it hands the socket itself, with the bytes already read, to the owner
+    (SCM_RIGHTS over a Unix seqpacket socket); the owner serves it as if it
+    had accepted it. Only the worker that serves a connection builds its
+    transport and parses its head. Each worker also answers the others'
+    questions about its rooms (``/_worker/state`` on a Unix stream socket),
+    which /metrics and /api/rooms merge.
     """
 
     def __init__(self, index: int, workers: int, directory: str, listener: socket.socket, census: Census) -> None:
@@ -2502,6 +2578,8 @@ class Worker:
         self._handover: socket.socket | None = None
         self._state_server: asyncio.AbstractServer | None = None
         self._server: Server | None = None
+        self._arriving: dict[int, _Arriving] = {}  # by descriptor
+        self._listening = False
 
     def _path(self, index: int, kind: str) -> str:
         return os.path.join(self.directory, f"w{index}.{kind}")
@@ -2525,6 +2603,20 @@ class Worker:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._state_server = await loop.create_unix_server(lambda: Connection(server, internal=True), path)
+        self._listen()
+
+    def _listen(self) -> None:
+        if not self._listening and not self._server.closing:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept_clients)
+            self._listening = True
+
+    def stop_accepting(self) -> None:
+        """Accept no more connections; drop those whose request line is not in (as one process does)."""
+        if self._listening:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self._listening = False
+        for arriving in list(self._arriving.values()):
+            self._drop(arriving)
 
     def close(self) -> None:
         """Stop taking connections from the other workers; answer 503 to those already sent.
@@ -2547,27 +2639,98 @@ class Worker:
         if self._state_server is not None:
             self._state_server.close()
 
+    # Accepting, and reading the request line.
+
+    def _accept_clients(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = self._server
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors or memory: try again in a second
+                if not server.accept_failing:
+                    server.accept_failing = True
+                    log.warning("cannot accept connections: %s (%d open files at most: raise `ulimit -n`); retrying",
+                                exc.strerror or exc, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                loop.remove_reader(self.listener.fileno())
+                self._listening = False
+                loop.call_later(1.0, self._listen)
+                return
+            server.accept_failing = False
+            sock.setblocking(False)
+            arriving = _Arriving(sock, loop.time() + server.config.handshake_timeout)
+            self._read_request_line(arriving)  # on a busy server the request is often there already
+
+    def _read_request_line(self, arriving: _Arriving) -> None:
+        sock = arriving.sock
+        try:
+            data = sock.recv(FIRST_READ)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            data = b""
+        if data == b"":  # the peer closed (or reset) before its request line: nothing to answer
+            self._drop(arriving)
+            return
+        if data is not None:
+            arriving.data += data
+        end = arriving.data.find(b"\r\n")
+        if end < 0 and len(arriving.data) <= self._server.config.max_head:
+            if arriving.timer is None:  # wait for more
+                loop = asyncio.get_running_loop()
+                self._arriving[sock.fileno()] = arriving
+                loop.add_reader(sock.fileno(), self._read_request_line, arriving)
+                arriving.timer = loop.call_at(arriving.deadline, self._drop, arriving)
+            return
+        if arriving.timer is not None:
+            self._let_go(arriving)
+        room = room_of_request_line(arriving.data[:end], self._server.config.api) if end >= 0 else None
+        owner = self.index if room is None else worker_of(room, self.workers)
+        if owner == self.index:  # a line too long or malformed too: the Connection answers it
+            self._adopt(sock, arriving.data, arriving.deadline)
+        else:
+            self._pass(owner, sock, arriving.data)
+
+    def _let_go(self, arriving: _Arriving) -> None:
+        """Stop waiting for an arriving connection's bytes (it is served, passed on or dropped)."""
+        del self._arriving[arriving.sock.fileno()]
+        asyncio.get_running_loop().remove_reader(arriving.sock.fileno())
+        arriving.timer.cancel()
+        arriving.timer = None
+
+    def _drop(self, arriving: _Arriving) -> None:
+        if arriving.timer is not None:
+            self._let_go(arriving)
+        arriving.sock.close()
+
     # Handing a connection over.
 
-    async def hand_over(self, index: int, connection: Connection, data: bytes) -> None:
-        """Pass a connection, and the bytes read from it, to worker ``index``.
+    def _pass(self, index: int, sock: socket.socket, data: bytes) -> None:
+        """Pass a connection's socket, and the bytes read from it, to worker ``index``, then let go of it."""
+        try:
+            socket.send_fds(self._peer(index), [data], [sock.fileno()])
+        except OSError:  # it is busy, or restarting: keep trying for a while
+            asyncio.get_running_loop().create_task(self.hand_over(index, sock, data))
+            return
+        sock.close()  # our descriptor only: the socket lives on in the message
+        log.debug("> connection handed to worker %d", index)
 
-        When it returns, the connection is the other worker's: this one has
-        let go of it without touching the socket.
+    async def hand_over(self, index: int, sock: socket.socket, data: bytes) -> None:
+        """Pass a connection, and the bytes read from it, to worker ``index``, trying for HANDOVER_TIMEOUT.
 
-        Raises:
-            BadRequest: more than HANDOVER_MAX bytes arrived before the answer.
-            ServiceUnavailable: the worker did not take it within HANDOVER_TIMEOUT
-                (it is restarting, or stuck).
+        When it returns, this worker has let go of the socket: the other worker
+        has it, or (that one did not take it in time: it is restarting, or
+        stuck) its peer was answered 503.
         """
-        if len(data) > HANDOVER_MAX:
-            raise BadRequest(f"over {HANDOVER_MAX} bytes sent before the handshake's answer")
         loop = asyncio.get_running_loop()
-        fd = connection.transport.get_extra_info("socket").fileno()
         deadline = loop.time() + HANDOVER_TIMEOUT
         while True:
             try:
-                socket.send_fds(self._peer(index), [data], [fd])
+                socket.send_fds(self._peer(index), [data], [sock.fileno()])
                 break
             except BlockingIOError:
                 pass  # its queue is full: it is busy
@@ -2577,9 +2740,11 @@ class Worker:
                 if peer is not None:
                     peer.close()
             if loop.time() > deadline or self._server.closing:
-                raise ServiceUnavailable(f"worker {index} is not answering", [("Retry-After", "1")])
+                log.info("! 503 worker %d is not answering", index)
+                _refuse(sock, data, f"worker {index} is not answering")
+                return
             await asyncio.sleep(0.01)
-        connection.transport.abort()  # our descriptor only: the socket lives on in the message
+        sock.close()
         log.debug("> connection handed to worker %d", index)
 
     def _peer(self, index: int) -> socket.socket:
@@ -2638,14 +2803,20 @@ class Worker:
                     _refuse(client, data, "this worker is shutting down")
                     continue
                 client.setblocking(False)
-                loop.create_task(self._adopt(client, data))
+                # Its handshake time starts again here: the deadline is the other process's.
+                self._adopt(client, data, loop.time() + self._server.config.handshake_timeout)
 
-    async def _adopt(self, sock: socket.socket, data: bytes) -> None:
+    def _adopt(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+        """Serve a connection of this worker's: build its transport and its Connection, with the bytes read."""
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._connect(sock, data, deadline))
+
+    async def _connect(self, sock: socket.socket, data: bytes, deadline: float) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: Connection(self._server, data, handed=True), sock)
+                lambda: Connection(self._server, data, handed=True, deadline=deadline), sock)
         except OSError as exc:
-            log.debug("! a handed-over connection was lost: %s", exc)
+            log.debug("! a connection was lost before it was served: %s", exc)
             sock.close()
 
     # The others' rooms.
@@ -3089,10 +3260,8 @@ class Server:
         self.hub.on_oneshot_end = self.done.set
         config = self.config
         loop = asyncio.get_running_loop()
-        if self.worker is not None:  # the supervisor has bound, and said where
+        if self.worker is not None:  # the supervisor has bound, and said where; the worker accepts
             await self.worker.start(self)
-            self._server = await loop.create_server(lambda: Connection(self), sock=self.worker.listener,
-                                                    backlog=LISTEN_BACKLOG)
             self.port = self.worker.listener.getsockname()[1]
         else:
             tls = tls_context(config) if config.tls_cert else None
@@ -3152,6 +3321,8 @@ class Server:
         self.closing = True
         if self._server is not None:
             self._server.close()  # stop accepting
+        if self.worker is not None:
+            self.worker.stop_accepting()
         if self._keepalive is not None:
             self._keepalive.cancel()
         for connection in list(self.connections):
@@ -3205,8 +3376,7 @@ class Server:
             request = parse_request(head)
             owner = self._owner(request) if self.worker is not None and not connection.handed else None
             if owner is not None:
-                await self.worker.hand_over(owner, connection, head + bytes(connection._head))
-                return
+                raise ServiceUnavailable("no way to the room's worker")  # every connection of a worker is routed
             peer = transport.get_extra_info("peername")
             peer = peer[0] if isinstance(peer, tuple) else ""
             request.remote_addr = client_address(peer, request.headers, self.config.trust_proxy)
@@ -3755,7 +3925,26 @@ def _run_worker(config: Config, worker: Worker) -> int:
         handler.addFilter(_WorkerField(worker.index))
         if not isinstance(handler.formatter, JSONFormatter):
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker %(worker)d] %(message)s"))
-    asyncio.run(_serve_command_line(config, worker))
+    if not hasattr(select, "EPOLLEXCLUSIVE"):  # not Linux: every worker wakes for each new connection
+        asyncio.run(_serve_command_line(config, worker))
+        return 0
+    # asyncio.run, with a loop on the selector of our own (Python 3.9 has no loop_factory).
+    loop = asyncio.SelectorEventLoop(_ExclusiveSelector((worker.listener.fileno(),)))
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve_command_line(config, worker))
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            if hasattr(loop, "shutdown_default_executor"):
+                loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
     return 0
 
 

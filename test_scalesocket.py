@@ -13,6 +13,7 @@ import ast
 import asyncio
 import base64
 import collections
+import contextlib
 import faulthandler
 import http.client
 import json
@@ -3612,6 +3613,121 @@ def test_closing_worker_answers_a_connection_handed_to_it_with_503():
         assert refused.value.status == 503, refused.value.head
         assert "Retry-After: 1" in refused.value.head and b"shutting down" in refused.value.body
         assert client.recv_close() == (1001, "server shutting down")
+    finally:
+        assert server.stop() == 0
+
+
+def _listening_inode(port: int) -> str:
+    """The inode of the socket listening on 127.0.0.1:``port`` (Linux /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # state LISTEN
+                return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def _exclusive_waits(pid: int, inode: str) -> list[bool]:
+    """For each epoll instance of ``pid`` that waits on the socket ``inode``: whether it has EPOLLEXCLUSIVE."""
+    fd_dir = f"/proc/{pid}/fd"
+    links = {fd: os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)}
+    listeners = {fd for fd, target in links.items() if target == f"socket:[{inode}]"}
+    found = []
+    for fd, target in links.items():
+        if target != "anon_inode:[eventpoll]":
+            continue
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for match in re.finditer(r"^tfd:\s*(\d+) events:\s*([0-9a-f]+)", f.read(), re.M):
+                if match.group(1) in listeners:
+                    found.append(bool(int(match.group(2), 16) & (1 << 28)))  # EPOLLEXCLUSIVE
+    return found
+
+
+@pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's")
+def test_workers_wait_on_the_listening_socket_exclusively():
+    """Each worker's epoll waits on the shared listening socket with EPOLLEXCLUSIVE: one wakes per connection."""
+    server = CLIServer("--workers", "3", "cat")
+    try:
+        inode = _listening_inode(server.port)
+        wait_until(lambda: len(_children_of(server.proc.pid)) == 3, what="three workers")
+        workers = _children_of(server.proc.pid)
+        waits = {}
+
+        def registered() -> bool:
+            waits.update({pid: _exclusive_waits(pid, inode) for pid in workers})
+            return all(waits.values())  # a worker that has not started its loop yet waits on nothing
+
+        wait_until(registered, what="every worker waiting on the listening socket")
+        assert all(found == [True] for found in waits.values()), waits
+    finally:
+        assert server.stop() == 0
+
+
+def _sleeps(pid: int) -> int:
+    """How many times a process has gone to sleep waiting (its voluntary context switches, Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", f.read(), re.M).group(1))
+
+
+@pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's")
+def test_workers_wake_one_at_a_time_for_new_connections():
+    """300 connections one after the other to 4 idle workers: one worker wakes for each, not all four.
+
+    A worker woken for a connection that another one accepted finds nothing
+    ready and sleeps again inside epoll_wait, so only its wake-ups (sleeps)
+    show it: about 2 a connection in all with one woken (accept, then the
+    request), at least 4 when each connection wakes every worker.
+    """
+    server = CLIServer("--workers", "4", "cat")
+    connections = 300
+    try:
+        inode = _listening_inode(server.port)
+        wait_until(lambda: len(_children_of(server.proc.pid)) == 4, what="four workers")
+        workers = _children_of(server.proc.pid)
+        wait_until(lambda: all(_exclusive_waits(pid, inode) for pid in workers), what="every worker in its loop")
+        before = {pid: _sleeps(pid) for pid in workers}
+        for _ in range(connections):
+            assert http_request(server.port, "/health")[0] == 200
+        woken = {pid: _sleeps(pid) - before[pid] for pid in workers}
+        assert sum(woken.values()) < 3 * connections, woken
+    finally:
+        assert server.stop() == 0
+
+
+def _holders(port: int, sock: socket.socket, pids: list[int]) -> list[int]:
+    """The pids among ``pids`` that hold the server's end of a client's connection (Linux /proc)."""
+    local = f"0100007F:{sock.getsockname()[1]:04X}"
+    with open("/proc/net/tcp") as f:
+        inodes = [line.split()[9] for line in f.readlines()[1:]
+                  if line.split()[1] == f"0100007F:{port:04X}" and line.split()[2] == local]
+    holders = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inodes[0]}]" for fd in os.listdir(f"/proc/{pid}/fd")):
+                holders.append(pid)
+    return holders
+
+
+def test_workers_hand_a_connection_over_from_its_request_line():
+    """The room's worker has the connection as soon as its request line is in, before the rest of the head;
+    the connection is then served as usual."""
+    server = CLIServer("--workers", "2", *py_child(PID_ECHO))
+    try:
+        rooms = [_owned_room(0, 2), _owned_room(1, 2)]  # whichever worker accepts, one of them takes the hop
+        clients = [ws_connect("127.0.0.1", server.port, f"/{room}") for room in rooms]
+        owners = [ss._processes()[int(client.recv_text())][0] for client in clients]  # their children's parents
+        workers = _children_of(server.proc.pid)
+        for _ in range(3):
+            for room, owner in zip(rooms, owners):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+                sock.sendall(f"GET /{room} HTTP/1.1\r\n".encode())
+                wait_until(lambda: _holders(server.port, sock, workers) == [owner], what="the owner alone holding it")
+                sock.sendall(f"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n".encode())
+                assert sock.recv(12) == b"HTTP/1.1 101"
+                sock.close()
+        for client in clients:
+            client.close()
     finally:
         assert server.stop() == 0
 
