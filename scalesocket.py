@@ -2102,8 +2102,10 @@ class Connection(asyncio.Protocol):
     """
 
     def __init__(self, server: Server, preread: bytes = b"", *, handed: bool = False, internal: bool = False,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, peer: str | None = None) -> None:
         self.server = server
+        self.peer = peer  # the client's address; given when the socket is a TLS relay's (another worker's)
+        self.relayed = False  # relayed to the room's worker: the transport is the relay's
         self.preread = preread  # accepted by a worker, which read these bytes to find the room
         self.handed = handed  # routed by a worker: this one owns its room, whatever comes
         self.deadline = deadline  # loop time by which the head must be in (default: --handshaketimeout from now)
@@ -2122,6 +2124,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         loop = asyncio.get_running_loop()
         self.transport = transport
+        if self.peer is None:
+            peer = transport.get_extra_info("peername")
+            self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.closed = loop.create_future()
         if self.deadline is None:
             self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
@@ -2245,6 +2250,13 @@ class Connection(asyncio.Protocol):
             client.receive_data(rest)
         if not client.waiting:
             self.transport.resume_reading()
+
+    def let_go(self) -> None:
+        """Give the transport to a relay: this connection is not the server's anymore."""
+        self.relayed = True
+        self._timer.cancel()
+        self.server.connections.discard(self)
+        self.closed.set_result(None)
 
     def _too_slow(self) -> None:
         log.debug("! request head not received in %s s, dropping the connection", self.server.config.handshake_timeout)
@@ -2541,6 +2553,76 @@ class _ExclusiveSelector(selectors.EpollSelector):
         return super().modify(fileobj, events, data)
 
 
+# A connection handed over is one seqpacket message: the socket, and these
+# bytes before what was read from it: the kind of socket, and the client's
+# address when it is not the socket's own peer.
+_PLAIN = 0  # the client's TCP socket itself
+_RELAYED = 1  # one end of a socketpair: the worker that ended TLS relays the client's bytes through it
+
+
+def _handover_message(kind: int, peer: str, data: bytes) -> bytes:
+    address = peer.encode("utf-8", "surrogateescape")
+    return bytes((kind, len(address))) + address + data
+
+
+def _parse_handover_message(message: bytes) -> tuple[int, str, bytes]:
+    """Return the kind, client address and bytes read of a connection handed over.
+
+    Raises:
+        ValueError: the message is not one.
+    """
+    if len(message) < 2 or message[0] not in (_PLAIN, _RELAYED) or len(message) < 2 + message[1]:
+        raise ValueError("not a connection handed over")
+    end = 2 + message[1]
+    return message[0], message[2:end].decode("utf-8", "surrogateescape"), message[end:]
+
+
+class _Relay(asyncio.Protocol):
+    """One side of a relay: what its transport reads, the other side's writes, with flow control.
+
+    A worker that ended TLS for another worker's room relays the decrypted
+    bytes both ways between the client's TLS transport and its end of a
+    socketpair, whose other end the room's worker serves. An end of input on
+    one side is passed along (as a half-close where the other side has one,
+    else as a close); either side lost closes the other once what it has to
+    write is out.
+    """
+
+    def __init__(self, done: asyncio.Future) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Relay | None = None
+        self.done = done  # when both sides are lost
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        other = self.other.transport
+        if other.can_write_eof():
+            other.write_eof()
+            return True  # the other way may still carry bytes
+        other.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        other = self.other
+        if other.transport is not None:
+            other.transport.close()
+        if other.lost and not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.other.transport.resume_reading()
+
+
 class _Arriving:
     """A connection just accepted whose request line is not in yet."""
 
@@ -2580,6 +2662,8 @@ class Worker:
         self._server: Server | None = None
         self._arriving: dict[int, _Arriving] = {}  # by descriptor
         self._listening = False
+        self.tls: ssl.SSLContext | None = None  # with --tlscert: every worker ends TLS for what it accepts
+        self.relays: set[asyncio.Future] = set()  # each done when its relay has closed both sides
 
     def _path(self, index: int, kind: str) -> str:
         return os.path.join(self.directory, f"w{index}.{kind}")
@@ -2662,6 +2746,9 @@ class Worker:
                 return
             server.accept_failing = False
             sock.setblocking(False)
+            if self.tls is not None:  # the request line is only readable once TLS is ended here
+                loop.create_task(self._connect_tls(sock))
+                continue
             arriving = _Arriving(sock, loop.time() + server.config.handshake_timeout)
             self._read_request_line(arriving)  # on a busy server the request is often there already
 
@@ -2692,6 +2779,8 @@ class Worker:
         owner = self.index if room is None else worker_of(room, self.workers)
         if owner == self.index:  # a line too long or malformed too: the Connection answers it
             self._adopt(sock, arriving.data, arriving.deadline)
+        elif len(arriving.data) > HANDOVER_MAX:
+            _refuse(sock, arriving.data, BadRequest(f"over {HANDOVER_MAX} bytes sent before the handshake's answer"))
         else:
             self._pass(owner, sock, arriving.data)
 
@@ -2711,27 +2800,38 @@ class Worker:
 
     def _pass(self, index: int, sock: socket.socket, data: bytes) -> None:
         """Pass a connection's socket, and the bytes read from it, to worker ``index``, then let go of it."""
+        message = _handover_message(_PLAIN, "", data)
         try:
-            socket.send_fds(self._peer(index), [data], [sock.fileno()])
+            socket.send_fds(self._peer(index), [message], [sock.fileno()])
         except OSError:  # it is busy, or restarting: keep trying for a while
-            asyncio.get_running_loop().create_task(self.hand_over(index, sock, data))
+            asyncio.get_running_loop().create_task(self._pass_later(index, sock, data, message))
             return
         sock.close()  # our descriptor only: the socket lives on in the message
         log.debug("> connection handed to worker %d", index)
 
-    async def hand_over(self, index: int, sock: socket.socket, data: bytes) -> None:
-        """Pass a connection, and the bytes read from it, to worker ``index``, trying for HANDOVER_TIMEOUT.
+    async def _pass_later(self, index: int, sock: socket.socket, data: bytes, message: bytes) -> None:
+        try:
+            await self.hand_over(index, message, sock)
+        except ServiceUnavailable as exc:
+            log.info("! 503 %s", exc.reason)
+            _refuse(sock, data, exc)
+            return
+        sock.close()
+        log.debug("> connection handed to worker %d", index)
 
-        When it returns, this worker has let go of the socket: the other worker
-        has it, or (that one did not take it in time: it is restarting, or
-        stuck) its peer was answered 503.
+    async def hand_over(self, index: int, message: bytes, sock: socket.socket) -> None:
+        """Send worker ``index`` a socket with its hand-over message, trying for HANDOVER_TIMEOUT.
+
+        Raises:
+            ServiceUnavailable: the worker did not take it in time (it is
+                restarting, or stuck), or this one is closing.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANDOVER_TIMEOUT
         while True:
             try:
-                socket.send_fds(self._peer(index), [data], [sock.fileno()])
-                break
+                socket.send_fds(self._peer(index), [message], [sock.fileno()])
+                return
             except BlockingIOError:
                 pass  # its queue is full: it is busy
             except OSError as exc:  # gone, or restarting: connect again
@@ -2740,12 +2840,71 @@ class Worker:
                 if peer is not None:
                     peer.close()
             if loop.time() > deadline or self._server.closing:
-                log.info("! 503 worker %d is not answering", index)
-                _refuse(sock, data, f"worker {index} is not answering")
-                return
+                raise ServiceUnavailable(f"worker {index} is not answering", [("Retry-After", "1")])
             await asyncio.sleep(0.01)
-        sock.close()
-        log.debug("> connection handed to worker %d", index)
+
+    # TLS: this worker ends it, and relays to the room's worker.
+
+    async def _connect_tls(self, sock: socket.socket) -> None:
+        config = self._server.config
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: Connection(self._server), sock, ssl=self.tls, ssl_handshake_timeout=config.handshake_timeout)
+        except Exception as exc:  # a failed or slow TLS handshake is the peer's: as with one process, no log
+            log.debug("! TLS handshake failed: %r", exc)
+            sock.close()
+
+    async def relay(self, index: int, connection: Connection, data: bytes) -> None:
+        """Serve a TLS connection of another worker's room through that worker, relaying its decrypted bytes.
+
+        Worker ``index`` gets one end of a socketpair with ``data`` (the bytes
+        read so far) and the client's address, and serves it as if it had
+        accepted it; this worker relays between the TLS transport and the
+        other end until either side closes. When it returns, the connection
+        is the relay's.
+
+        Raises:
+            BadRequest: more than HANDOVER_MAX bytes arrived before the answer.
+            ServiceUnavailable: that worker did not take it in time.
+        """
+        if len(data) > HANDOVER_MAX:
+            raise BadRequest(f"over {HANDOVER_MAX} bytes sent before the handshake's answer")
+        ours, theirs = socket.socketpair()
+        try:
+            await self.hand_over(index, _handover_message(_RELAYED, connection.peer, data), theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        outside, inside = _Relay(done), _Relay(done)
+        outside.other, inside.other = inside, outside
+        transport = connection.transport
+        transport.set_protocol(outside)
+        outside.connection_made(transport)
+        connection.let_go()
+        self.relays.add(done)
+        done.add_done_callback(self.relays.discard)
+        try:
+            await loop.connect_accepted_socket(lambda: inside, ours)
+        except OSError:
+            ours.close()
+            transport.abort()
+            raise
+        if transport.is_closing():  # the client left meanwhile
+            inside.transport.close()
+            outside.lost = True
+        else:
+            transport.resume_reading()
+        log.debug("> TLS connection relayed to worker %d", index)
+
+    async def end_relays(self, timeout: float) -> None:
+        """Wait (``timeout`` at most) for the relays to end: the rooms' workers close them; then cut the rest."""
+        if self.relays:
+            log.info("waiting for %d relayed connections to close", len(self.relays))
+            await asyncio.wait(set(self.relays), timeout=timeout)
 
     def _peer(self, index: int) -> socket.socket:
         peer = self._peers.get(index)
@@ -2797,24 +2956,28 @@ class Worker:
                 self._inbound.discard(sock)
                 sock.close()
                 return
+            try:
+                kind, peer, data = _parse_handover_message(data)
+            except ValueError:
+                kind, peer, data = _PLAIN, "", data
             for fd in fds:
                 client = socket.socket(fileno=fd)
                 if self._server.closing:
-                    _refuse(client, data, "this worker is shutting down")
+                    _refuse(client, data, ServiceUnavailable("this worker is shutting down", [("Retry-After", "1")]))
                     continue
                 client.setblocking(False)
                 # Its handshake time starts again here: the deadline is the other process's.
-                self._adopt(client, data, loop.time() + self._server.config.handshake_timeout)
+                self._adopt(client, data, loop.time() + self._server.config.handshake_timeout, peer or None)
 
-    def _adopt(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+    def _adopt(self, sock: socket.socket, data: bytes, deadline: float, peer: str | None = None) -> None:
         """Serve a connection of this worker's: build its transport and its Connection, with the bytes read."""
         loop = asyncio.get_running_loop()
-        loop.create_task(self._connect(sock, data, deadline))
+        loop.create_task(self._connect(sock, data, deadline, peer))
 
-    async def _connect(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+    async def _connect(self, sock: socket.socket, data: bytes, deadline: float, peer: str | None) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: Connection(self._server, data, handed=True, deadline=deadline), sock)
+                lambda: Connection(self._server, data, handed=True, deadline=deadline, peer=peer), sock)
         except OSError as exc:
             log.debug("! a connection was lost before it was served: %s", exc)
             sock.close()
@@ -2845,13 +3008,12 @@ class Worker:
                 writer.close()
 
 
-def _refuse(sock: socket.socket, data: bytes, reason: str) -> None:
-    """Answer 503 with Retry-After on a raw socket whose request ``data`` was read, then close it.
+def _refuse(sock: socket.socket, data: bytes, exc: HTTPError) -> None:
+    """Answer an HTTP error on a raw socket whose request ``data`` was read, then close it.
 
     No transport is built for a connection that is only refused. A new
     socket's send buffer is empty, so the answer fits in one send.
     """
-    exc = ServiceUnavailable(reason, [("Retry-After", "1")])
     with contextlib.suppress(OSError):
         sock.setblocking(False)
         sock.send(error_response(exc, head_only=data.startswith(b"HEAD ")))
@@ -2911,7 +3073,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._on_signal)
         host, port = self.listener.getsockname()[:2]
-        log.info("listening on %s:%d (%d workers)", f"[{host}]" if ":" in host else host, port, config.workers)
+        log.info("listening on %s:%d (%d workers%s)", f"[{host}]" if ":" in host else host, port, config.workers,
+                 ", TLS" if config.tls_cert else "")
         try:
             for index in range(config.workers):
                 if not self._signalled:
@@ -3261,6 +3424,7 @@ class Server:
         config = self.config
         loop = asyncio.get_running_loop()
         if self.worker is not None:  # the supervisor has bound, and said where; the worker accepts
+            self.worker.tls = tls_context(config) if config.tls_cert else None
             await self.worker.start(self)
             self.port = self.worker.listener.getsockname()[1]
         else:
@@ -3319,6 +3483,8 @@ class Server:
     async def close(self) -> None:
         """Stop accepting, close every client with 1001, stop every child."""
         self.closing = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         if self._server is not None:
             self._server.close()  # stop accepting
         if self.worker is not None:
@@ -3331,7 +3497,7 @@ class Server:
         # Every client is sent 1001 and every child SIGTERM at once; clients
         # that answer get a clean closing handshake meanwhile, and the wait
         # for the rest is no longer than the children's grace.
-        children = asyncio.get_running_loop().create_task(self.hub.shutdown())
+        children = loop.create_task(self.hub.shutdown())
         for client in list(self.clients):  # clients outside any room (being refused)
             if client.upgraded:  # one still joining gets its 101, then 1001, from join()
                 client.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -3342,6 +3508,9 @@ class Server:
         await children
         if self.worker is not None:
             self.worker.close()  # only now: until then, a connection handed over gets a 503
+            # Relayed clients are closed by their rooms' workers (1001): relay that
+            # to the end, as long as those wait for the clients' answers.
+            await self.worker.end_relays(max(0.0, started + KILL_GRACE + 1.0 - loop.time()))
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=1.0)
             for task in pending:
@@ -3365,7 +3534,8 @@ class Server:
             log.error("unexpected error on a connection", exc_info=True)
         finally:
             self._tasks.discard(task)
-            connection.transport.close()
+            if not connection.relayed:
+                connection.transport.close()
 
     async def _serve(self, connection: Connection, head: bytes) -> None:
         request = None
@@ -3375,11 +3545,10 @@ class Server:
                 raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
             request = parse_request(head)
             owner = self._owner(request) if self.worker is not None and not connection.handed else None
-            if owner is not None:
-                raise ServiceUnavailable("no way to the room's worker")  # every connection of a worker is routed
-            peer = transport.get_extra_info("peername")
-            peer = peer[0] if isinstance(peer, tuple) else ""
-            request.remote_addr = client_address(peer, request.headers, self.config.trust_proxy)
+            if owner is not None:  # TLS: ended here, read here, relayed to the room's worker
+                await self.worker.relay(owner, connection, head + bytes(connection._head))
+                return
+            request.remote_addr = client_address(connection.peer, request.headers, self.config.trust_proxy)
             if is_websocket_upgrade(request):
                 await self._serve_websocket(connection, request)
                 return
@@ -3763,9 +3932,6 @@ def parse_args(argv: list[str]) -> Config:
         conflict("--staticdir", "--devconsole")
     if ns.workers > 1 and ns.oneshot:
         conflict("--oneshot", "--workers")
-    if ns.workers > 1 and ns.tlscert:
-        parser.error("argument --workers: a TLS connection cannot be handed to another worker; "
-                     "terminate TLS at a proxy in front (see deploy/) or serve it with --workers 1")
     if bool(ns.tlscert) != bool(ns.tlskey):
         parser.error("argument --tlscert: --tlscert and --tlskey go together")
     frame = "json" if ns.json else ns.frame

@@ -2745,7 +2745,6 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
         (["--trustproxy", "proxy.example", "cat"], "--trustproxy"),
         (["--trustproxy", ",", "cat"], "--trustproxy"),
         (["--workers", "2", "--oneshot", "cat"], "--workers"),
-        (["--workers", "2", "--tlscert", "c.pem", "--tlskey", "k.pem", "cat"], "--workers"),
         (["--workers", "0", "cat"], "--workers"),
         (["--workers", "many", "cat"], "--workers"),
     ],
@@ -3728,6 +3727,171 @@ def test_workers_hand_a_connection_over_from_its_request_line():
                 sock.close()
         for client in clients:
             client.close()
+    finally:
+        assert server.stop() == 0
+
+
+def _tls_server(certificate, workers: int, *argv: str) -> tuple[CLIServer, ssl.SSLContext]:
+    cert, key = certificate
+    server = CLIServer("--workers", str(workers), "--tlscert", str(cert), "--tlskey", str(key), *argv)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+def _wss_accepted_by_another(server: CLIServer, context: ssl.SSLContext, room: str, stopped: list[int],
+                             clients: int, headers: str = "") -> list[WSClient]:
+    """Open ``clients`` wss clients of ``room`` while the workers ``stopped`` are stopped (SIGSTOP).
+
+    A stopped worker accepts nothing: another one does the TLS handshake and
+    reads the request; then the stopped ones go on and the 101s are read.
+    """
+    opened = []
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for pid in stopped:  # stopped, so out of its wait in epoll: the wake-up goes to another
+            wait_until(lambda: _state(pid) == "T", what=f"worker {pid} stopped")
+        for _ in range(clients):
+            sock = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT),
+                                       server_hostname="127.0.0.1")
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(f"GET /{room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{headers}\r\n".encode())
+            opened.append(sock)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    result = []
+    for sock in opened:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            assert data, buf
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        result.append(WSClient(sock, rest, head=head.decode("latin-1")))
+    return result
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def _worker_pids(server: CLIServer, workers: int) -> list[int]:
+    """The workers' pids, by index: each opens a room it owns, whose child (PID_ECHO) says its pid."""
+    wait_until(lambda: len(_children_of(server.proc.pid)) == workers, what="every worker")
+    return [_owner_pid(server, _owned_room(index, workers, "pid")) for index in range(workers)]
+
+
+def _owner_pid(server: CLIServer, room: str) -> int:
+    """The pid of the worker whose child serves ``room`` (a PID_ECHO child)."""
+    client = ws_connect("127.0.0.1", server.port, f"/{room}", tls=getattr(server, "tls", None))
+    try:
+        return ss._processes()[int(client.recv_text())][0]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_serve_wss_and_https(workers, certificate, tmp_path):
+    """N workers with TLS: 12 rooms over wss://; a broadcast in a room whose clients all reached another worker
+    (which ends TLS and relays) reaches them and the owner's own; static files and /health over https."""
+    (tmp_path / "index.html").write_text("<p>hi</p>")
+    server, context = _tls_server(certificate, workers, "--staticdir", str(tmp_path), *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        for r in range(12):
+            clients = [ws_connect("127.0.0.1", server.port, f"/room{r}", tls=context)]
+            child = int(clients[0].recv_text())
+            clients.append(ws_connect("127.0.0.1", server.port, f"/room{r}", tls=context))
+            for n, client in enumerate(clients):
+                client.send_text(f"{child} {n}")
+                assert [other.recv_text() for other in clients] == [f"{child} {n}"] * 2
+            for client in clients:
+                client.close()
+        pids = _worker_pids(server, workers)
+        room = _owned_room(0, workers)
+        direct = ws_connect("127.0.0.1", server.port, f"/{room}", tls=context)
+        assert ss._processes()[int(direct.recv_text())][0] == pids[0]
+        relayed = _wss_accepted_by_another(server, context, room, [pids[0]], 3)
+        relayed[1].send_text("to all")
+        assert [client.recv_text() for client in [direct, *relayed]] == ["to all"] * 4
+        for client in [direct, *relayed]:
+            client.close()
+        for _ in range(10):
+            conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=IO_TIMEOUT)
+            conn.request("GET", "/index.html")
+            assert conn.getresponse().read() == b"<p>hi</p>"
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+            conn.close()
+    finally:
+        assert server.stop() == 0
+    assert any(f"({workers} workers, TLS)" in line for line in server.lines)
+    assert "Traceback" not in "".join(server.lines)
+
+
+def test_workers_relay_wss_with_the_clients_real_address(certificate):
+    """A relayed wss client's REMOTE_ADDR is its own address, and --trustproxy is applied to it."""
+    server, context = _tls_server(certificate, 2, "--joinmsg", "#REMOTE_ADDR", "--trustproxy", "127.0.0.1/32",
+                                  *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        room = _owned_room(0, 2)
+        plain, forwarded = [_wss_accepted_by_another(server, context, room, [pids[0]], 1, headers)[0]
+                            for headers in ("", "X-Forwarded-For: 203.0.113.9\r\n")]
+        assert plain.recv_text().isdigit()  # the child's pid, then the joins, in order
+        assert plain.recv_text() == "127.0.0.1" and plain.recv_text() == "203.0.113.9"
+        plain.close()
+        forwarded.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_workers_sigterm_closes_every_wss_client_1001(certificate):
+    """SIGTERM to a TLS server of 2 workers: 1001 to every wss client, relayed or not, and exit 0."""
+    server, context = _tls_server(certificate, 2, *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        clients = _wss_accepted_by_another(server, context, _owned_room(0, 2), [pids[1]], 2)  # accepted by the owner
+        relayed = _wss_accepted_by_another(server, context, _owned_room(0, 2), [pids[0]], 2)
+        # Worker 0 sends its 1001s only once worker 1, which relays two of them, is done with all else.
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            server.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: any("[worker 1] waiting for 2 relayed connections to close" in line
+                                   for line in server.lines), what="worker 1 waiting for its relays")
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # killed by the supervisor, if it waited too long
+                os.kill(pids[0], signal.SIGCONT)
+        for client in clients + relayed:
+            assert client.recv_close() == (1001, "server shutting down")
+        assert server.proc.wait(IO_TIMEOUT) == 0
+    finally:
+        server.stop()
+
+
+def test_workers_wss_worker_killed_takes_down_only_what_it_served_or_relayed(certificate):
+    """SIGKILL to the worker that relays some wss clients: those lose their connection; the room's own go on."""
+    server, context = _tls_server(certificate, 2, *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        room = _owned_room(0, 2)
+        own = _wss_accepted_by_another(server, context, room, [pids[1]], 2)
+        relayed = _wss_accepted_by_another(server, context, room, [pids[0]], 2)
+        child = int(own[0].recv_text())
+        os.kill(pids[1], signal.SIGKILL)
+        for client in relayed:
+            assert client.recv_close()[0] == 1006  # the TCP connection ended with the relay
+        own[0].send_text("still here")
+        for client in own:
+            while (text := client.recv_text()) != "still here":
+                assert text == str(child)  # a client that joined before the child said its pid
+        assert not process_gone(child)
     finally:
         assert server.stop() == 0
 
