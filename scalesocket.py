@@ -2478,6 +2478,9 @@ def api_response(states: list[dict], path: str):
 # --workers N, N processes share the listening socket; a connection for a
 # room is served by the one worker that owns the room (``worker_of``), so a
 # room has one child server-wide and a broadcast never leaves its process.
+# A new connection wakes one worker (EPOLLEXCLUSIVE), which passes the
+# socket on to the room's worker as soon as the request line names the room;
+# with TLS, it ends TLS itself and relays the room's worker the plain bytes.
 # What is the whole server's (limits, client ids) is in ``Census``; what is
 # merged for a reader (/metrics, /api/rooms) is asked of every worker.
 
@@ -3560,10 +3563,13 @@ class Server:
         await connection.linger()
 
     def _owner(self, request: Request) -> int | None:
-        """Return the worker that must serve a request for a room it owns, unless it is this one.
+        """Return the worker that must serve a TLS request for a room it owns, unless it is this one.
 
-        Upgrades and /api/ROOM/... go to the room's worker; everything else
-        (static files, /health, /metrics, /api/rooms) is served here.
+        A plain connection was routed by its request line before it got here
+        (``Worker``); a TLS one is routed here, once TLS is ended and its head
+        read. Upgrades and /api/ROOM/... go to the room's worker (relayed);
+        everything else (static files, /health, /metrics, /api/rooms) is
+        served here, by the worker that ended TLS.
 
         Raises:
             HTTPError: the upgrade path names no valid room (answered here, as anywhere).
