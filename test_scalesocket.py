@@ -3670,25 +3670,25 @@ def _sleeps(pid: int) -> int:
 
 @pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's")
 def test_workers_wake_one_at_a_time_for_new_connections():
-    """300 connections one after the other to 4 idle workers: one worker wakes for each, not all four.
+    """300 connections one after the other to 8 idle workers: one worker wakes for each, not all eight.
 
     A worker woken for a connection that another one accepted finds nothing
     ready and sleeps again inside epoll_wait, so only its wake-ups (sleeps)
-    show it: about 2 a connection in all with one woken (accept, then the
-    request), at least 4 when each connection wakes every worker.
+    show it: 2 or 3 a connection in all with one woken (accept, request,
+    the client's FIN), 8 or more when each connection wakes every worker.
     """
-    server = CLIServer("--workers", "4", "cat")
+    server = CLIServer("--workers", "8", "cat")
     connections = 300
     try:
         inode = _listening_inode(server.port)
-        wait_until(lambda: len(_children_of(server.proc.pid)) == 4, what="four workers")
+        wait_until(lambda: len(_children_of(server.proc.pid)) == 8, what="eight workers")
         workers = _children_of(server.proc.pid)
         wait_until(lambda: all(_exclusive_waits(pid, inode) for pid in workers), what="every worker in its loop")
         before = {pid: _sleeps(pid) for pid in workers}
         for _ in range(connections):
             assert http_request(server.port, "/health")[0] == 200
         woken = {pid: _sleeps(pid) - before[pid] for pid in workers}
-        assert sum(woken.values()) < 3 * connections, woken
+        assert sum(woken.values()) < 5 * connections, woken
     finally:
         assert server.stop() == 0
 
