@@ -3497,6 +3497,9 @@ def test_worker_death_spares_what_other_workers_rooms_started():
     try:
         client = ws_connect("127.0.0.1", server.port, f"/{room}")
         child = int(client.recv_text())
+        # sh may exit before its background child has become `sleep` (exec): wait for that.
+        wait_until(lambda: any(_command(pid).startswith("sleep") for pid in _children_of(server.proc.pid)),
+                   what="the helper's sleep")
         sleeper = next(pid for pid in _children_of(server.proc.pid) if _command(pid).startswith("sleep"))
         owner = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
         idle = next(pid for pid in _children_of(server.proc.pid) if pid not in (owner, sleeper))
