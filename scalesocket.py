@@ -38,6 +38,7 @@ import os
 import re
 import resource
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -2275,6 +2276,24 @@ class Hub:
 ###############################################################################
 
 
+def log_request(level: int, method: str, path: str, status: int, reason: str, address: str) -> None:
+    """Log one line for an HTTP request: ``127.0.0.1 "GET /x" 404 no such file``.
+
+    The path and the reason are escaped (``printable``): a client cannot
+    write a line break or a terminal escape into the log. With ``--log
+    json`` each part is a field of its own.
+    """
+    method, path, reason = printable(method), printable(path), printable(reason)
+    log.log(level, '%s "%s %s" %d%s', address or "-", method, path, status, f" {reason}" if reason else "",
+            extra={"method": method, "path": path, "status": status, "reason": reason, "remote_addr": address})
+
+
+def request_line_parts(head: bytes) -> tuple[str, str]:
+    """Return the method and path of a request head, as far as they can be read (for the log); '-' if not."""
+    parts = head.partition(b"\r\n")[0].decode("latin-1").split(" ")
+    return (parts[0], parts[1].partition("?")[0]) if len(parts) == 3 else ("-", "-")
+
+
 class Connection(asyncio.Protocol):
     """One TCP connection: its request head, then a WebSocket client's bytes.
 
@@ -2285,10 +2304,14 @@ class Connection(asyncio.Protocol):
     the transport's write buffer is full.
     """
 
-    def __init__(self, server: Server, preread: bytes = b"", *, handed: bool = False, internal: bool = False) -> None:
+    def __init__(self, server: Server, preread: bytes = b"", *, handed: bool = False, internal: bool = False,
+                 deadline: float | None = None, peer: str | None = None) -> None:
         self.server = server
-        self.preread = preread  # a connection handed over by another worker: the bytes it read
-        self.handed = handed  # handed over: this worker owns its room, whatever comes
+        self.peer = peer  # the client's address; given when the socket is a TLS relay's (another worker's)
+        self.relayed = False  # relayed to the room's worker: the transport is the relay's
+        self.preread = preread  # accepted by a worker, which read these bytes to find the room
+        self.handed = handed  # routed by a worker: this one owns its room, whatever comes
+        self.deadline = deadline  # loop time by which the head must be in (default: --handshaketimeout from now)
         self.internal = internal  # from another worker, on the private socket: may ask for /_worker/state
         self.transport: asyncio.Transport | None = None
         self.client: Client | None = None  # after the upgrade
@@ -2304,8 +2327,14 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         loop = asyncio.get_running_loop()
         self.transport = transport
+        if self.peer is None:
+            peer = transport.get_extra_info("peername")
+            self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.closed = loop.create_future()
-        self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
+        if self.deadline is None:
+            self._timer = loop.call_later(self.server.config.handshake_timeout, self._too_slow)
+        else:
+            self._timer = loop.call_at(self.deadline, self._too_slow)
         self.server.connections.add(self)
         self.server.accept_failing = False
         if self.preread:
@@ -2424,6 +2453,13 @@ class Connection(asyncio.Protocol):
             client.receive_data(rest)
         if not client.waiting and not client.throttled:
             self.transport.resume_reading()
+
+    def let_go(self) -> None:
+        """Give the transport to a relay: this connection is not the server's anymore."""
+        self.relayed = True
+        self._timer.cancel()
+        self.server.connections.discard(self)
+        self.closed.set_result(None)
 
     def _too_slow(self) -> None:
         log.debug("! request head not received in %s s, dropping the connection", self.server.config.handshake_timeout)
@@ -2702,6 +2738,9 @@ def api_response(states: list[dict], path: str, details: bool = False):
 # --workers N, N processes share the listening socket; a connection for a
 # room is served by the one worker that owns the room (``worker_of``), so a
 # room has one child server-wide and a broadcast never leaves its process.
+# A new connection wakes one worker (EPOLLEXCLUSIVE), which passes the
+# socket on to the room's worker as soon as the request line names the room;
+# with TLS, it ends TLS itself and relays the room's worker the plain bytes.
 # What is the whole server's (limits, client ids) is in ``Census``; what is
 # merged for a reader (/metrics, /api/rooms) is asked of every worker.
 
@@ -2709,6 +2748,8 @@ _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # a descriptor received 
 LISTEN_BACKLOG = 1024  # connections the kernel queues for the workers to accept
 HANDOVER_MAX = 128 * 1024  # bytes read before a connection is handed over (the head, and what came with it)
 HANDOVER_TIMEOUT = 3.0  # seconds to get a connection to its worker (one that restarts takes about one)
+ACCEPT_BATCH = 16  # connections accepted a wake-up: one worker wakes for a burst, the others for the next
+FIRST_READ = 64 * 1024  # bytes read at once from a new connection, until its request line is in
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps dying
 STABLE_AFTER = 10.0  # seconds a worker must live for its restarts to start over from no wait
 
@@ -2722,15 +2763,153 @@ def worker_of(room: str, workers: int) -> int:
     return int.from_bytes(digest, "big") % workers
 
 
+def room_of_request_line(line: bytes, api: bool) -> str | None:
+    """Return the room whose worker serves a request, from its request line alone; None for any worker.
+
+    A path /ROOM (a valid room name, not a reserved one) names ROOM whatever
+    the method and the headers, which are not in yet: a request for
+    /index.html goes to the worker of room 'index.html', which serves static
+    files as well as any worker. With --api, /api/ROOM/... names ROOM. Anything
+    else (/health, /metrics, /api/rooms, a file in a subdirectory, a request
+    line that is not one) names none: the worker that read it answers.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[1].startswith(b"/"):
+        return None
+    path = parts[1].decode("latin-1").partition("?")[0]
+    if api and path.startswith("/api/") and path != "/api/rooms":
+        return urllib.parse.unquote(path.split("/")[2])  # as Server._owner reads it
+    try:
+        return room_from_path(path)
+    except HTTPError:
+        return None
+
+
+class _ExclusiveSelector(selectors.EpollSelector):
+    """An epoll selector that waits on some descriptors with EPOLLEXCLUSIVE (Linux 4.5+).
+
+    Given the listening socket that every worker shares: a new connection
+    wakes one worker waiting in epoll, not all of them (the others would
+    each wake to find nothing to accept). The kernel accepts the flag only
+    when a descriptor is added, never in a modification: such a descriptor
+    is only ever read, so asyncio adds and removes it and never modifies it.
+    """
+
+    def __init__(self, exclusive: tuple[int, ...]) -> None:
+        super().__init__()
+        self.exclusive = frozenset(exclusive)
+
+    def register(self, fileobj, events, data=None):
+        key = super().register(fileobj, events, data)
+        if key.fd in self.exclusive:
+            if events != selectors.EVENT_READ:
+                super().unregister(fileobj)
+                raise ValueError("a descriptor waited on exclusively can only be read")
+            self._selector.unregister(key.fd)  # added again, now with the flag
+            self._selector.register(key.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        return key
+
+    def modify(self, fileobj, events, data=None):
+        key = self.get_key(fileobj)
+        if key.fd in self.exclusive and events != key.events:
+            raise ValueError("a descriptor waited on exclusively can only be read")
+        return super().modify(fileobj, events, data)
+
+
+# A connection handed over is one seqpacket message: the socket, and these
+# bytes before what was read from it: the kind of socket, and the client's
+# address when it is not the socket's own peer.
+_PLAIN = 0  # the client's TCP socket itself
+_RELAYED = 1  # one end of a socketpair: the worker that ended TLS relays the client's bytes through it
+
+
+def _handover_message(kind: int, peer: str, data: bytes) -> bytes:
+    address = peer.encode("utf-8", "surrogateescape")
+    return bytes((kind, len(address))) + address + data
+
+
+def _parse_handover_message(message: bytes) -> tuple[int, str, bytes]:
+    """Return the kind, client address and bytes read of a connection handed over.
+
+    Raises:
+        ValueError: the message is not one.
+    """
+    if len(message) < 2 or message[0] not in (_PLAIN, _RELAYED) or len(message) < 2 + message[1]:
+        raise ValueError("not a connection handed over")
+    end = 2 + message[1]
+    return message[0], message[2:end].decode("utf-8", "surrogateescape"), message[end:]
+
+
+class _Relay(asyncio.Protocol):
+    """One side of a relay: what its transport reads, the other side's writes, with flow control.
+
+    A worker that ended TLS for another worker's room relays the decrypted
+    bytes both ways between the client's TLS transport and its end of a
+    socketpair, whose other end the room's worker serves. An end of input on
+    one side is passed along (as a half-close where the other side has one,
+    else as a close); either side lost closes the other once what it has to
+    write is out.
+    """
+
+    def __init__(self, done: asyncio.Future) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Relay | None = None
+        self.done = done  # when both sides are lost
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        other = self.other.transport
+        if other.can_write_eof():
+            other.write_eof()
+            return True  # the other way may still carry bytes
+        other.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        other = self.other
+        if other.transport is not None:
+            other.transport.close()
+        if other.lost and not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.other.transport.resume_reading()
+
+
+class _Arriving:
+    """A connection just accepted whose request line is not in yet."""
+
+    __slots__ = ("sock", "data", "deadline", "timer")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.data = b""
+        self.deadline = deadline  # for its whole request head, as --handshaketimeout says
+        self.timer: asyncio.TimerHandle | None = None  # and a reader, while it waits for bytes
+
+
 class Worker:
     """This process's place among the workers: which rooms it owns, and the way to the others.
 
-    Any worker may accept a connection. Once its request head is in, the room
-    is known, and a worker that does not own it hands the socket itself, with
-    the bytes already read, to the owner (SCM_RIGHTS over a Unix seqpacket
-    socket); the owner serves it as if it had accepted it. Each worker also
-    answers the others' questions about its rooms (``/_worker/state`` on a
-    Unix stream socket), which /metrics and /api/rooms merge.
+    Every worker accepts connections on the shared listening socket itself,
+    with no transport: as soon as a connection's request line is in, the
+    room is known (``room_of_request_line``), and a worker that does not own
+    it hands the socket itself, with the bytes already read, to the owner
+    (SCM_RIGHTS over a Unix seqpacket socket); the owner serves it as if it
+    had accepted it. Only the worker that serves a connection builds its
+    transport and parses its head. Each worker also answers the others'
+    questions about its rooms (``/_worker/state`` on a Unix stream socket),
+    which /metrics and /api/rooms merge.
     """
 
     def __init__(self, index: int, workers: int, directory: str, listener: socket.socket, census: Census) -> None:
@@ -2744,6 +2923,10 @@ class Worker:
         self._handover: socket.socket | None = None
         self._state_server: asyncio.AbstractServer | None = None
         self._server: Server | None = None
+        self._arriving: dict[int, _Arriving] = {}  # by descriptor
+        self._listening = False
+        self.tls: ssl.SSLContext | None = None  # with --tlscert: every worker ends TLS for what it accepts
+        self.relays: set[asyncio.Future] = set()  # each done when its relay has closed both sides
 
     def _path(self, index: int, kind: str) -> str:
         return os.path.join(self.directory, f"w{index}.{kind}")
@@ -2767,12 +2950,33 @@ class Worker:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._state_server = await loop.create_unix_server(lambda: Connection(server, internal=True), path)
+        self._listen()
+
+    def _listen(self) -> None:
+        if not self._listening and not self._server.closing:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept_clients)
+            self._listening = True
+
+    def stop_accepting(self) -> None:
+        """Accept no more connections; drop those whose request line is not in (as one process does)."""
+        if self._listening:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self._listening = False
+        for arriving in list(self._arriving.values()):
+            self._drop(arriving)
 
     def close(self) -> None:
+        """Stop taking connections from the other workers; answer 503 to those already sent.
+
+        Until then, a closing worker answers each connection handed to it
+        with 503 (see ``_receive``), as the others do not know it is closing.
+        """
         loop = asyncio.get_running_loop()
         if self._handover is not None:
             loop.remove_reader(self._handover.fileno())
             self._handover.close()
+        for sock in list(self._inbound):
+            self._receive(sock)  # messages still queued: each gets its 503
         for sock in list(self._inbound) + list(self._peers.values()):
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(sock.fileno())
@@ -2782,28 +2986,114 @@ class Worker:
         if self._state_server is not None:
             self._state_server.close()
 
+    # Accepting, and reading the request line.
+
+    def _accept_clients(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = self._server
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors or memory: try again in a second
+                if not server.accept_failing:
+                    server.accept_failing = True
+                    log.warning("cannot accept connections: %s (%d open files at most: raise `ulimit -n`); retrying",
+                                exc.strerror or exc, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                loop.remove_reader(self.listener.fileno())
+                self._listening = False
+                loop.call_later(1.0, self._listen)
+                return
+            server.accept_failing = False
+            sock.setblocking(False)
+            if self.tls is not None:  # the request line is only readable once TLS is ended here
+                loop.create_task(self._connect_tls(sock))
+                continue
+            arriving = _Arriving(sock, loop.time() + server.config.handshake_timeout)
+            self._read_request_line(arriving)  # on a busy server the request is often there already
+
+    def _read_request_line(self, arriving: _Arriving) -> None:
+        sock = arriving.sock
+        try:
+            data = sock.recv(FIRST_READ)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            data = b""
+        if data == b"":  # the peer closed (or reset) before its request line: nothing to answer
+            self._drop(arriving)
+            return
+        if data is not None:
+            arriving.data += data
+        end = arriving.data.find(b"\r\n")
+        if end < 0 and len(arriving.data) <= self._server.config.max_head:
+            if arriving.timer is None:  # wait for more
+                loop = asyncio.get_running_loop()
+                self._arriving[sock.fileno()] = arriving
+                loop.add_reader(sock.fileno(), self._read_request_line, arriving)
+                arriving.timer = loop.call_at(arriving.deadline, self._drop, arriving)
+            return
+        if arriving.timer is not None:
+            self._let_go(arriving)
+        room = room_of_request_line(arriving.data[:end], self._server.config.api) if end >= 0 else None
+        owner = self.index if room is None else worker_of(room, self.workers)
+        if owner == self.index:  # a line too long or malformed too: the Connection answers it
+            self._adopt(sock, arriving.data, arriving.deadline)
+        elif len(arriving.data) > HANDOVER_MAX:
+            _refuse(sock, arriving.data, BadRequest(f"over {HANDOVER_MAX} bytes sent before the handshake's answer"))
+        else:
+            self._pass(owner, sock, arriving.data)
+
+    def _let_go(self, arriving: _Arriving) -> None:
+        """Stop waiting for an arriving connection's bytes (it is served, passed on or dropped)."""
+        del self._arriving[arriving.sock.fileno()]
+        asyncio.get_running_loop().remove_reader(arriving.sock.fileno())
+        arriving.timer.cancel()
+        arriving.timer = None
+
+    def _drop(self, arriving: _Arriving) -> None:
+        if arriving.timer is not None:
+            self._let_go(arriving)
+        arriving.sock.close()
+
     # Handing a connection over.
 
-    async def hand_over(self, index: int, connection: Connection, data: bytes) -> None:
-        """Pass a connection, and the bytes read from it, to worker ``index``.
+    def _pass(self, index: int, sock: socket.socket, data: bytes) -> None:
+        """Pass a connection's socket, and the bytes read from it, to worker ``index``, then let go of it."""
+        message = _handover_message(_PLAIN, "", data)
+        try:
+            socket.send_fds(self._peer(index), [message], [sock.fileno()])
+        except OSError:  # it is busy, or restarting: keep trying for a while
+            asyncio.get_running_loop().create_task(self._pass_later(index, sock, data, message))
+            return
+        sock.close()  # our descriptor only: the socket lives on in the message
+        log.debug("> connection handed to worker %d", index)
 
-        When it returns, the connection is the other worker's: this one has
-        let go of it without touching the socket.
+    async def _pass_later(self, index: int, sock: socket.socket, data: bytes, message: bytes) -> None:
+        try:
+            await self.hand_over(index, message, sock)
+        except ServiceUnavailable as exc:
+            _refuse(sock, data, exc)
+            return
+        sock.close()
+        log.debug("> connection handed to worker %d", index)
+
+    async def hand_over(self, index: int, message: bytes, sock: socket.socket) -> None:
+        """Send worker ``index`` a socket with its hand-over message, trying for HANDOVER_TIMEOUT.
 
         Raises:
-            BadRequest: more than HANDOVER_MAX bytes arrived before the answer.
-            ServiceUnavailable: the worker did not take it within HANDOVER_TIMEOUT
-                (it is restarting, or stuck).
+            ServiceUnavailable: the worker did not take it in time (it is
+                restarting, or stuck), or this one is closing.
         """
-        if len(data) > HANDOVER_MAX:
-            raise BadRequest(f"over {HANDOVER_MAX} bytes sent before the handshake's answer")
         loop = asyncio.get_running_loop()
-        fd = connection.transport.get_extra_info("socket").fileno()
         deadline = loop.time() + HANDOVER_TIMEOUT
         while True:
             try:
-                socket.send_fds(self._peer(index), [data], [fd])
-                break
+                socket.send_fds(self._peer(index), [message], [sock.fileno()])
+                return
             except BlockingIOError:
                 pass  # its queue is full: it is busy
             except OSError as exc:  # gone, or restarting: connect again
@@ -2814,8 +3104,69 @@ class Worker:
             if loop.time() > deadline or self._server.closing:
                 raise ServiceUnavailable(f"worker {index} is not answering", [("Retry-After", "1")])
             await asyncio.sleep(0.01)
-        connection.transport.abort()  # our descriptor only: the socket lives on in the message
-        log.debug("> connection handed to worker %d", index)
+
+    # TLS: this worker ends it, and relays to the room's worker.
+
+    async def _connect_tls(self, sock: socket.socket) -> None:
+        config = self._server.config
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: Connection(self._server), sock, ssl=self.tls, ssl_handshake_timeout=config.handshake_timeout)
+        except Exception as exc:  # a failed or slow TLS handshake is the peer's: as with one process, no log
+            log.debug("! TLS handshake failed: %r", exc)
+            sock.close()
+
+    async def relay(self, index: int, connection: Connection, data: bytes) -> None:
+        """Serve a TLS connection of another worker's room through that worker, relaying its decrypted bytes.
+
+        Worker ``index`` gets one end of a socketpair with ``data`` (the bytes
+        read so far) and the client's address, and serves it as if it had
+        accepted it; this worker relays between the TLS transport and the
+        other end until either side closes. When it returns, the connection
+        is the relay's.
+
+        Raises:
+            BadRequest: more than HANDOVER_MAX bytes arrived before the answer.
+            ServiceUnavailable: that worker did not take it in time.
+        """
+        if len(data) > HANDOVER_MAX:
+            raise BadRequest(f"over {HANDOVER_MAX} bytes sent before the handshake's answer")
+        ours, theirs = socket.socketpair()
+        try:
+            await self.hand_over(index, _handover_message(_RELAYED, connection.peer, data), theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        outside, inside = _Relay(done), _Relay(done)
+        outside.other, inside.other = inside, outside
+        transport = connection.transport
+        transport.set_protocol(outside)
+        outside.connection_made(transport)
+        connection.let_go()
+        self.relays.add(done)
+        done.add_done_callback(self.relays.discard)
+        try:
+            await loop.connect_accepted_socket(lambda: inside, ours)
+        except OSError:
+            ours.close()
+            transport.abort()
+            raise
+        if transport.is_closing():  # the client left meanwhile
+            inside.transport.close()
+            outside.lost = True
+        else:
+            transport.resume_reading()
+        log.debug("> TLS connection relayed to worker %d", index)
+
+    async def end_relays(self, timeout: float) -> None:
+        """Wait (``timeout`` at most) for the relays to end: the rooms' workers close them; then cut the rest."""
+        if self.relays:
+            log.info("waiting for %d relayed connections to close", len(self.relays))
+            await asyncio.wait(set(self.relays), timeout=timeout)
 
     def _peer(self, index: int) -> socket.socket:
         peer = self._peers.get(index)
@@ -2867,20 +3218,31 @@ class Worker:
                 self._inbound.discard(sock)
                 sock.close()
                 return
+            try:
+                kind, peer, data = _parse_handover_message(data)
+            except ValueError:
+                kind, peer, data = _PLAIN, "", data
             for fd in fds:
                 client = socket.socket(fileno=fd)
                 if self._server.closing:
-                    client.close()  # the client sees its connection end, as if this worker had accepted it
+                    _refuse(client, data, ServiceUnavailable("this worker is shutting down", [("Retry-After", "1")]),
+                            peer)
                     continue
                 client.setblocking(False)
-                loop.create_task(self._adopt(client, data))
+                # Its handshake time starts again here: the deadline is the other process's.
+                self._adopt(client, data, loop.time() + self._server.config.handshake_timeout, peer or None)
 
-    async def _adopt(self, sock: socket.socket, data: bytes) -> None:
+    def _adopt(self, sock: socket.socket, data: bytes, deadline: float, peer: str | None = None) -> None:
+        """Serve a connection of this worker's: build its transport and its Connection, with the bytes read."""
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._connect(sock, data, deadline, peer))
+
+    async def _connect(self, sock: socket.socket, data: bytes, deadline: float, peer: str | None) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: Connection(self._server, data, handed=True), sock)
+                lambda: Connection(self._server, data, handed=True, deadline=deadline, peer=peer), sock)
         except OSError as exc:
-            log.debug("! a handed-over connection was lost: %s", exc)
+            log.debug("! a connection was lost before it was served: %s", exc)
             sock.close()
 
     # The others' rooms.
@@ -2907,6 +3269,30 @@ class Worker:
         finally:
             if writer is not None:
                 writer.close()
+
+
+def _refuse(sock: socket.socket, data: bytes, exc: HTTPError, peer: str = "") -> None:
+    """Answer an HTTP error on a raw socket whose request ``data`` was read, then close it.
+
+    No transport is built for a connection that is only refused. A new
+    socket's send buffer is empty, so the answer fits in one send.
+    """
+    if not peer:  # given for a relay's socketpair, whose peer is the relaying worker
+        try:
+            peer = sock.getpeername()[0]
+        except (OSError, IndexError):
+            peer = ""
+    log_request(logging.WARNING if exc.status >= 500 else logging.INFO, *request_line_parts(data), exc.status,
+                exc.reason, peer)
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(error_response(exc, head_only=data.startswith(b"HEAD ")))
+        sock.shutdown(socket.SHUT_WR)
+        # Bytes left unread at close turn the FIN into a RST, which can
+        # destroy the answer before the peer reads it: read what is there.
+        while sock.recv(65536):
+            pass
+    sock.close()
 
 
 _SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
@@ -2957,7 +3343,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._on_signal)
         host, port = self.listener.getsockname()[:2]
-        log.info("listening on %s:%d (%d workers)", f"[{host}]" if ":" in host else host, port, config.workers)
+        log.info("listening on %s:%d (%d workers%s)", f"[{host}]" if ":" in host else host, port, config.workers,
+                 ", TLS" if config.tls_cert else "")
         try:
             for index in range(config.workers):
                 if not self._signalled:
@@ -3407,18 +3794,6 @@ def welcome_page(request: Request, tls: bool) -> bytes:
     return WELCOME_PAGE.replace("{url}", html.escape(url)).encode("utf-8")
 
 
-def log_request(level: int, method: str, path: str, status: int, reason: str, address: str) -> None:
-    """Log one line for an HTTP request: ``127.0.0.1 "GET /x" 404 no such file``.
-
-    The path and the reason are escaped (``printable``): a client cannot
-    write a line break or a terminal escape into the log. With ``--log
-    json`` each part is a field of its own.
-    """
-    method, path, reason = printable(method), printable(path), printable(reason)
-    log.log(level, '%s "%s %s" %d%s', address or "-", method, path, status, f" {reason}" if reason else "",
-            extra={"method": method, "path": path, "status": status, "reason": reason, "remote_addr": address})
-
-
 def tls_context(config: Config) -> ssl.SSLContext:
     """Return the TLS context for --tlscert/--tlskey.
 
@@ -3462,10 +3837,9 @@ class Server:
         self.hub.on_oneshot_end = self.done.set
         config = self.config
         loop = asyncio.get_running_loop()
-        if self.worker is not None:  # the supervisor has bound, and said where
+        if self.worker is not None:  # the supervisor has bound, and said where; the worker accepts
+            self.worker.tls = tls_context(config) if config.tls_cert else None
             await self.worker.start(self)
-            self._server = await loop.create_server(lambda: Connection(self), sock=self.worker.listener,
-                                                    backlog=LISTEN_BACKLOG)
             self.port = self.worker.listener.getsockname()[1]
         else:
             tls = tls_context(config) if config.tls_cert else None
@@ -3524,10 +3898,12 @@ class Server:
     async def close(self) -> None:
         """Stop accepting, close every client with 1001, stop every child."""
         self.closing = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         if self._server is not None:
             self._server.close()  # stop accepting
         if self.worker is not None:
-            self.worker.close()  # and taking connections from the other workers
+            self.worker.stop_accepting()
         if self._keepalive is not None:
             self._keepalive.cancel()
         for connection in list(self.connections):
@@ -3536,7 +3912,7 @@ class Server:
         # Every client is sent 1001 and every child SIGTERM at once; clients
         # that answer get a clean closing handshake meanwhile, and the wait
         # for the rest is no longer than the children's grace.
-        children = asyncio.get_running_loop().create_task(self.hub.shutdown())
+        children = loop.create_task(self.hub.shutdown())
         for client in list(self.clients):  # clients outside any room (being refused)
             if client.upgraded:  # one still joining gets its 101, then 1001, from join()
                 client.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -3545,6 +3921,11 @@ class Server:
         for connection in list(self.connections):
             connection.transport.abort()  # a peer that never answered the close
         await children
+        if self.worker is not None:
+            self.worker.close()  # only now: until then, a connection handed over gets a 503
+            # Relayed clients are closed by their rooms' workers (1001): relay that
+            # to the end, as long as those wait for the clients' answers.
+            await self.worker.end_relays(max(0.0, started + KILL_GRACE + 1.0 - loop.time()))
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=1.0)
             for task in pending:
@@ -3568,20 +3949,20 @@ class Server:
             log.error("unexpected error on a connection", exc_info=True)
         finally:
             self._tasks.discard(task)
-            connection.transport.close()
+            if not connection.relayed:
+                connection.transport.close()
 
     async def _serve(self, connection: Connection, head: bytes) -> None:
         request = None
         transport = connection.transport
-        peer = transport.get_extra_info("peername")
-        peer = peer[0] if isinstance(peer, tuple) else ""
+        peer = connection.peer  # the client's, also when another worker relays it (TLS)
         try:
             if len(head) > self.config.max_head:
                 raise HeadersTooLarge(f"request head exceeds {self.config.max_head} bytes")
             request = parse_request(head)
             owner = self._owner(request) if self.worker is not None and not connection.handed else None
-            if owner is not None:
-                await self.worker.hand_over(owner, connection, head + bytes(connection._head))
+            if owner is not None:  # TLS: ended here, read here, relayed to the room's worker
+                await self.worker.relay(owner, connection, head + bytes(connection._head))
                 return
             request.remote_addr = client_address(peer, request.headers, self.config.trust_proxy)
             if self.config.pass_headers or self.config.proxy_headers:
@@ -3597,9 +3978,7 @@ class Server:
             if request is not None:
                 method, path, address = request.method, request.path, request.remote_addr or peer
             else:  # what can be read of a head that does not parse
-                parts = head.partition(b"\r\n")[0].decode("latin-1").split(" ")
-                method, path = (parts[0], parts[1].partition("?")[0]) if len(parts) == 3 else ("-", "-")
-                address = peer
+                (method, path), address = request_line_parts(head), peer
             if exc.status == 404 and not self.config.staticdir and not self.config.devconsole and request is not None \
                     and "text/html" in request.headers.get("accept", ""):
                 exc = NotFound(exc.reason, html=welcome_page(request, self.config.tls_cert is not None))
@@ -3610,10 +3989,13 @@ class Server:
         await connection.linger()
 
     def _owner(self, request: Request) -> int | None:
-        """Return the worker that must serve a request for a room it owns, unless it is this one.
+        """Return the worker that must serve a TLS request for a room it owns, unless it is this one.
 
-        Upgrades and /api/ROOM/... go to the room's worker; everything else
-        (static files, /health, /metrics, /api/rooms) is served here.
+        A plain connection was routed by its request line before it got here
+        (``Worker``); a TLS one is routed here, once TLS is ended and its head
+        read. Upgrades and /api/ROOM/... go to the room's worker (relayed);
+        everything else (static files, /health, /metrics, /api/rooms) is
+        served here, by the worker that ended TLS.
 
         Raises:
             HTTPError: the upgrade path names no valid room (answered here, as anywhere).
@@ -4030,9 +4412,6 @@ def parse_args(argv: list[str]) -> Config:
         conflict("--staticdir", "--devconsole")
     if ns.workers > 1 and ns.oneshot:
         conflict("--oneshot", "--workers")
-    if ns.workers > 1 and ns.tlscert:
-        parser.error("argument --workers: a TLS connection cannot be handed to another worker; "
-                     "terminate TLS at a proxy in front (see deploy/) or serve it with --workers 1")
     if ns.proxyheaders and not ns.trustproxy:
         parser.error("argument --proxyheaders: needs --trustproxy, the proxies these headers may come from")
     both = set(ns.passheaders) & set(ns.proxyheaders)
@@ -4219,7 +4598,26 @@ def _run_worker(config: Config, worker: Worker) -> int:
         handler.addFilter(_WorkerField(worker.index))
         if not isinstance(handler.formatter, JSONFormatter):
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker %(worker)d] %(message)s"))
-    asyncio.run(_serve_command_line(config, worker))
+    if not hasattr(select, "EPOLLEXCLUSIVE"):  # not Linux: every worker wakes for each new connection
+        asyncio.run(_serve_command_line(config, worker))
+        return 0
+    # asyncio.run, with a loop on the selector of our own (Python 3.9 has no loop_factory).
+    loop = asyncio.SelectorEventLoop(_ExclusiveSelector((worker.listener.fileno(),)))
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve_command_line(config, worker))
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            if hasattr(loop, "shutdown_default_executor"):
+                loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
     return 0
 
 

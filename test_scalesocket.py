@@ -13,6 +13,7 @@ import ast
 import asyncio
 import base64
 import collections
+import contextlib
 import faulthandler
 import http.client
 import json
@@ -2771,7 +2772,6 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
         (["--maxrate", "-1", "cat"], "--maxrate"),
         (["--maxrate", "nan", "cat"], "--maxrate"),
         (["--workers", "2", "--oneshot", "cat"], "--workers"),
-        (["--workers", "2", "--tlscert", "c.pem", "--tlskey", "k.pem", "cat"], "--workers"),
         (["--workers", "0", "cat"], "--workers"),
         (["--workers", "many", "cat"], "--workers"),
     ],
@@ -3794,6 +3794,9 @@ def test_worker_death_spares_what_other_workers_rooms_started():
     try:
         client = ws_connect("127.0.0.1", server.port, f"/{room}")
         child = int(client.recv_text())
+        # sh may exit before its background child has become `sleep` (exec): wait for that.
+        wait_until(lambda: any(_command(pid).startswith("sleep") for pid in _children_of(server.proc.pid)),
+                   what="the helper's sleep")
         sleeper = next(pid for pid in _children_of(server.proc.pid) if _command(pid).startswith("sleep"))
         owner = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
         idle = next(pid for pid in _children_of(server.proc.pid) if pid not in (owner, sleeper))
@@ -3880,6 +3883,315 @@ def test_workers_serve_static_files_and_health_from_any_worker(tmp_path):
         for _ in range(10):
             assert http_request(server.port, "/index.html")[2] == b"<p>hi</p>"
             assert http_request(server.port, "/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def _owned_room(index: int, workers: int, prefix: str = "r") -> str:
+    """A room that worker ``index`` of ``workers`` owns."""
+    return next(f"{prefix}{i}" for i in range(1000) if ss.worker_of(f"{prefix}{i}", workers) == index)
+
+
+STUBBORN = "import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid(), flush=True)\n" \
+    "for line in sys.stdin: print(line, end='', flush=True)\n"  # says its pid, echoes, ignores SIGTERM
+
+
+def test_closing_worker_answers_a_connection_handed_to_it_with_503():
+    """A worker that is shutting down answers a connection another worker hands it with 503 and Retry-After."""
+    server = CLIServer("--workers", "2", *py_child(STUBBORN))
+    try:
+        room = _owned_room(0, 2)
+        client = ws_connect("127.0.0.1", server.port, f"/{room}")
+        child = int(client.recv_text())
+        owner = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
+        os.kill(owner, signal.SIGTERM)  # that worker alone: its child ignores SIGTERM, so it closes for KILL_GRACE
+        wait_until(lambda: any("[worker 0] shutting down" in line for line in server.lines), what="worker 0 closing")
+        # It accepts nothing more: worker 1 accepts, and hands the connection to the room's owner.
+        with pytest.raises(HandshakeFailed) as refused:
+            ws_connect("127.0.0.1", server.port, f"/{room}")
+        assert refused.value.status == 503, refused.value.head
+        assert "Retry-After: 1" in refused.value.head and b"shutting down" in refused.value.body
+        assert client.recv_close() == (1001, "server shutting down")
+    finally:
+        assert server.stop() == 0
+
+
+def _listening_inode(port: int) -> str:
+    """The inode of the socket listening on 127.0.0.1:``port`` (Linux /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # state LISTEN
+                return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def _exclusive_waits(pid: int, inode: str) -> list[bool]:
+    """For each epoll instance of ``pid`` that waits on the socket ``inode``: whether it has EPOLLEXCLUSIVE."""
+    fd_dir = f"/proc/{pid}/fd"
+    links = {fd: os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)}
+    listeners = {fd for fd, target in links.items() if target == f"socket:[{inode}]"}
+    found = []
+    for fd, target in links.items():
+        if target != "anon_inode:[eventpoll]":
+            continue
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for match in re.finditer(r"^tfd:\s*(\d+) events:\s*([0-9a-f]+)", f.read(), re.M):
+                if match.group(1) in listeners:
+                    found.append(bool(int(match.group(2), 16) & (1 << 28)))  # EPOLLEXCLUSIVE
+    return found
+
+
+@pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's")
+def test_workers_wait_on_the_listening_socket_exclusively():
+    """Each worker's epoll waits on the shared listening socket with EPOLLEXCLUSIVE: one wakes per connection."""
+    server = CLIServer("--workers", "3", "cat")
+    try:
+        inode = _listening_inode(server.port)
+        wait_until(lambda: len(_children_of(server.proc.pid)) == 3, what="three workers")
+        workers = _children_of(server.proc.pid)
+        waits = {}
+
+        def registered() -> bool:
+            waits.update({pid: _exclusive_waits(pid, inode) for pid in workers})
+            return all(waits.values())  # a worker that has not started its loop yet waits on nothing
+
+        wait_until(registered, what="every worker waiting on the listening socket")
+        assert all(found == [True] for found in waits.values()), waits
+    finally:
+        assert server.stop() == 0
+
+
+def _sleeps(pid: int) -> int:
+    """How many times a process has gone to sleep waiting (its voluntary context switches, Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", f.read(), re.M).group(1))
+
+
+@pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="EPOLLEXCLUSIVE is Linux's")
+def test_workers_wake_one_at_a_time_for_new_connections():
+    """300 connections one after the other to 8 idle workers: one worker wakes for each, not all eight.
+
+    A worker woken for a connection that another one accepted finds nothing
+    ready and sleeps again inside epoll_wait, so only its wake-ups (sleeps)
+    show it: 2 or 3 a connection in all with one woken (accept, request,
+    the client's FIN), 8 or more when each connection wakes every worker.
+    """
+    server = CLIServer("--workers", "8", "cat")
+    connections = 300
+    try:
+        inode = _listening_inode(server.port)
+        wait_until(lambda: len(_children_of(server.proc.pid)) == 8, what="eight workers")
+        workers = _children_of(server.proc.pid)
+        wait_until(lambda: all(_exclusive_waits(pid, inode) for pid in workers), what="every worker in its loop")
+        before = {pid: _sleeps(pid) for pid in workers}
+        for _ in range(connections):
+            assert http_request(server.port, "/health")[0] == 200
+        woken = {pid: _sleeps(pid) - before[pid] for pid in workers}
+        assert sum(woken.values()) < 5 * connections, woken
+    finally:
+        assert server.stop() == 0
+
+
+def _holders(port: int, sock: socket.socket, pids: list[int]) -> list[int]:
+    """The pids among ``pids`` that hold the server's end of a client's connection (Linux /proc)."""
+    local = f"0100007F:{sock.getsockname()[1]:04X}"
+    with open("/proc/net/tcp") as f:
+        inodes = [line.split()[9] for line in f.readlines()[1:]
+                  if line.split()[1] == f"0100007F:{port:04X}" and line.split()[2] == local]
+    holders = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inodes[0]}]" for fd in os.listdir(f"/proc/{pid}/fd")):
+                holders.append(pid)
+    return holders
+
+
+def test_workers_hand_a_connection_over_from_its_request_line():
+    """The room's worker has the connection as soon as its request line is in, before the rest of the head;
+    the connection is then served as usual."""
+    server = CLIServer("--workers", "2", *py_child(PID_ECHO))
+    try:
+        rooms = [_owned_room(0, 2), _owned_room(1, 2)]  # whichever worker accepts, one of them takes the hop
+        clients = [ws_connect("127.0.0.1", server.port, f"/{room}") for room in rooms]
+        owners = [ss._processes()[int(client.recv_text())][0] for client in clients]  # their children's parents
+        workers = _children_of(server.proc.pid)
+        for _ in range(3):
+            for room, owner in zip(rooms, owners):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+                sock.sendall(f"GET /{room} HTTP/1.1\r\n".encode())
+                wait_until(lambda: _holders(server.port, sock, workers) == [owner], what="the owner alone holding it")
+                sock.sendall(f"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n".encode())
+                assert sock.recv(12) == b"HTTP/1.1 101"
+                sock.close()
+        for client in clients:
+            client.close()
+    finally:
+        assert server.stop() == 0
+
+
+def _tls_server(certificate, workers: int, *argv: str) -> tuple[CLIServer, ssl.SSLContext]:
+    cert, key = certificate
+    server = CLIServer("--workers", str(workers), "--tlscert", str(cert), "--tlskey", str(key), *argv)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+def _wss_accepted_by_another(server: CLIServer, context: ssl.SSLContext, room: str, stopped: list[int],
+                             clients: int, headers: str = "") -> list[WSClient]:
+    """Open ``clients`` wss clients of ``room`` while the workers ``stopped`` are stopped (SIGSTOP).
+
+    A stopped worker accepts nothing: another one does the TLS handshake and
+    reads the request; then the stopped ones go on and the 101s are read.
+    """
+    opened = []
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for pid in stopped:  # stopped, so out of its wait in epoll: the wake-up goes to another
+            wait_until(lambda: _state(pid) == "T", what=f"worker {pid} stopped")
+        for _ in range(clients):
+            sock = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT),
+                                       server_hostname="127.0.0.1")
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(f"GET /{room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{headers}\r\n".encode())
+            opened.append(sock)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    result = []
+    for sock in opened:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            assert data, buf
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        result.append(WSClient(sock, rest, head=head.decode("latin-1")))
+    return result
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def _worker_pids(server: CLIServer, workers: int) -> list[int]:
+    """The workers' pids, by index: each opens a room it owns, whose child (PID_ECHO) says its pid."""
+    wait_until(lambda: len(_children_of(server.proc.pid)) == workers, what="every worker")
+    return [_owner_pid(server, _owned_room(index, workers, "pid")) for index in range(workers)]
+
+
+def _owner_pid(server: CLIServer, room: str) -> int:
+    """The pid of the worker whose child serves ``room`` (a PID_ECHO child)."""
+    client = ws_connect("127.0.0.1", server.port, f"/{room}", tls=getattr(server, "tls", None))
+    try:
+        return ss._processes()[int(client.recv_text())][0]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_serve_wss_and_https(workers, certificate, tmp_path):
+    """N workers with TLS: 12 rooms over wss://; a broadcast in a room whose clients all reached another worker
+    (which ends TLS and relays) reaches them and the owner's own; static files and /health over https."""
+    (tmp_path / "index.html").write_text("<p>hi</p>")
+    server, context = _tls_server(certificate, workers, "--staticdir", str(tmp_path), *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        for r in range(12):
+            clients = [ws_connect("127.0.0.1", server.port, f"/room{r}", tls=context)]
+            child = int(clients[0].recv_text())
+            clients.append(ws_connect("127.0.0.1", server.port, f"/room{r}", tls=context))
+            for n, client in enumerate(clients):
+                client.send_text(f"{child} {n}")
+                assert [other.recv_text() for other in clients] == [f"{child} {n}"] * 2
+            for client in clients:
+                client.close()
+        pids = _worker_pids(server, workers)
+        room = _owned_room(0, workers)
+        direct = ws_connect("127.0.0.1", server.port, f"/{room}", tls=context)
+        assert ss._processes()[int(direct.recv_text())][0] == pids[0]
+        relayed = _wss_accepted_by_another(server, context, room, [pids[0]], 3)
+        relayed[1].send_text("to all")
+        assert [client.recv_text() for client in [direct, *relayed]] == ["to all"] * 4
+        for client in [direct, *relayed]:
+            client.close()
+        for _ in range(10):
+            conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=IO_TIMEOUT)
+            conn.request("GET", "/index.html")
+            assert conn.getresponse().read() == b"<p>hi</p>"
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+            conn.close()
+    finally:
+        assert server.stop() == 0
+    assert any(f"({workers} workers, TLS)" in line for line in server.lines)
+    assert "Traceback" not in "".join(server.lines)
+
+
+def test_workers_relay_wss_with_the_clients_real_address(certificate):
+    """A relayed wss client's REMOTE_ADDR is its own address, and --trustproxy is applied to it."""
+    server, context = _tls_server(certificate, 2, "--joinmsg", "#REMOTE_ADDR", "--trustproxy", "127.0.0.1/32",
+                                  *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        room = _owned_room(0, 2)
+        plain, forwarded = [_wss_accepted_by_another(server, context, room, [pids[0]], 1, headers)[0]
+                            for headers in ("", "X-Forwarded-For: 203.0.113.9\r\n")]
+        assert plain.recv_text().isdigit()  # the child's pid, then the joins, in order
+        assert plain.recv_text() == "127.0.0.1" and plain.recv_text() == "203.0.113.9"
+        plain.close()
+        forwarded.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_workers_sigterm_closes_every_wss_client_1001(certificate):
+    """SIGTERM to a TLS server of 2 workers: 1001 to every wss client, relayed or not, and exit 0."""
+    server, context = _tls_server(certificate, 2, *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        clients = _wss_accepted_by_another(server, context, _owned_room(0, 2), [pids[1]], 2)  # accepted by the owner
+        relayed = _wss_accepted_by_another(server, context, _owned_room(0, 2), [pids[0]], 2)
+        # Worker 0 sends its 1001s only once worker 1, which relays two of them, is done with all else.
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            server.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: any("[worker 1] waiting for 2 relayed connections to close" in line
+                                   for line in server.lines), what="worker 1 waiting for its relays")
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # killed by the supervisor, if it waited too long
+                os.kill(pids[0], signal.SIGCONT)
+        for client in clients + relayed:
+            assert client.recv_close() == (1001, "server shutting down")
+        assert server.proc.wait(IO_TIMEOUT) == 0
+    finally:
+        server.stop()
+
+
+def test_workers_wss_worker_killed_takes_down_only_what_it_served_or_relayed(certificate):
+    """SIGKILL to the worker that relays some wss clients: those lose their connection; the room's own go on."""
+    server, context = _tls_server(certificate, 2, *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        room = _owned_room(0, 2)
+        own = _wss_accepted_by_another(server, context, room, [pids[1]], 2)
+        relayed = _wss_accepted_by_another(server, context, room, [pids[0]], 2)
+        child = int(own[0].recv_text())
+        os.kill(pids[1], signal.SIGKILL)
+        for client in relayed:
+            assert client.recv_close()[0] == 1006  # the TCP connection ended with the relay
+        own[0].send_text("still here")
+        for client in own:
+            while (text := client.recv_text()) != "still here":
+                assert text == str(child)  # a client that joined before the child said its pid
+        assert not process_gone(child)
     finally:
         assert server.stop() == 0
 

@@ -29,6 +29,13 @@
 //	           --messages messages; see fanout
 //	idle       --count connections (bare) held in one room; see idle
 //	manyrooms  --rooms rooms of --clients bare clients each; see manyRooms
+//	connect    --count connections over --rooms rooms, --concurrency at once,
+//	           each a message and its echo in a room kept open (bench/scaling.py)
+//	roomrate   --clients clients in one room at --rate messages/s each; see roomRate
+//
+// A wss:// URL makes the bare clients speak TLS (any certificate accepted),
+// for every workload but manyrooms, fanout and idle, whose pollers read the
+// raw sockets.
 //
 // fanout, idle and manyrooms read with a few poller threads (see poller),
 // not a goroutine per connection. idle waits for a line on stdin between
@@ -39,6 +46,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -310,11 +318,18 @@ const (
 
 var closeNormal = []byte{0x03, 0xe8} // close code 1000
 
+// tlsConfig is set for a wss:// URL: the bare clients then speak TLS, and
+// accept any certificate (the benchmark's servers use a self-signed one).
+var tlsConfig *tls.Config
+
 // upgradeRequest is the HTTP request that opens a WebSocket at roomURL.
 func upgradeRequest(roomURL string) (addr string, request []byte, err error) {
 	u, err := url.Parse(roomURL)
 	if err != nil {
 		return "", nil, err
+	}
+	if u.Scheme == "wss" && tlsConfig == nil {
+		tlsConfig = &tls.Config{InsecureSkipVerify: true, ClientSessionCache: nil}
 	}
 	request = []byte("GET " + u.EscapedPath() + " HTTP/1.1\r\nHost: " + u.Host + "\r\nUpgrade: websocket\r\n" +
 		"Connection: Upgrade\r\nSec-WebSocket-Key: " + hsKey + "\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -322,7 +337,7 @@ func upgradeRequest(roomURL string) (addr string, request []byte, err error) {
 }
 
 type rawConn struct {
-	conn *net.TCPConn
+	conn net.Conn // a *net.TCPConn, or a *tls.Conn over one for a wss:// URL
 	br   *bufio.Reader
 	wmu  sync.Mutex // one frame at a time; guards wbuf
 	wbuf []byte
@@ -336,7 +351,16 @@ func dialRaw(addr string, request []byte, deadline time.Time) (*rawConn, error) 
 	if err != nil {
 		return nil, err
 	}
-	rc := &rawConn{conn: c.(*net.TCPConn), br: bufio.NewReaderSize(c, 4096)}
+	if tlsConfig != nil {
+		tc := tls.Client(c, tlsConfig)
+		tc.SetDeadline(deadline)
+		if err := tc.Handshake(); err != nil {
+			c.Close()
+			return nil, err
+		}
+		c = tc
+	}
+	rc := &rawConn{conn: c, br: bufio.NewReaderSize(c, 4096)}
 	key := rand.Uint32()
 	rc.mask = [4]byte{byte(key), byte(key >> 8), byte(key >> 16), byte(key >> 24)}
 	rc.conn.SetDeadline(deadline)
@@ -464,7 +488,9 @@ func (rc *rawConn) readFrame() (opcode byte, p []byte, err error) {
 // finish ends the connection after the server's close frame: a FIN, then
 // what the server still sends is read until it closes too (as ws and node do).
 func (rc *rawConn) finish() error {
-	rc.conn.CloseWrite()
+	if cw, ok := rc.conn.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
 	_, err := io.Copy(io.Discard, rc.br)
 	rc.conn.Close()
 	return err
@@ -574,6 +600,168 @@ func handshake(o *options) error {
 	emit("end", res)
 	if anchor != nil {
 		anchor.closeHandshake(time.Now().Add(5 * time.Second))
+	}
+	return nil
+}
+
+// connect: --count connections over --rooms rooms (--room prefix, then
+// n % rooms), --concurrency at once; each one opens (TLS too for wss://),
+// upgrades, sends a message and waits for its echo through the room's child
+// (a moment in the room), then closes. A client is kept in each room
+// throughout (opened before the timed phase), so that no child starts or
+// stops while it is timed: what is measured is what a connection costs.
+func connect(o *options) error {
+	var anchors []*rawConn
+	defer func() {
+		for _, a := range anchors {
+			a.closeHandshake(time.Now().Add(5 * time.Second))
+		}
+	}()
+	requests := make([][]byte, o.rooms)
+	var addr string
+	msg := []byte("hello")
+	for r := 0; r < o.rooms; r++ {
+		a, request, err := upgradeRequest(o.roomURL(fmt.Sprintf("%s%d", o.room, r)))
+		if err != nil {
+			return err
+		}
+		addr, requests[r] = a, request
+		anchor, err := dialRaw(addr, request, time.Now().Add(stepTimeout))
+		if err != nil {
+			return fmt.Errorf("anchor: %w", err)
+		}
+		anchors = append(anchors, anchor)
+		if err := anchor.writeFrame(websocket.TextMessage, msg); err != nil {
+			return fmt.Errorf("anchor: %w", err)
+		}
+		if _, _, err := anchor.readFrame(); err != nil {
+			return fmt.Errorf("anchor: no echo: %w", err)
+		}
+		anchor.conn.SetDeadline(time.Time{})
+	}
+	// The anchors' reads: the echoes of the connections' messages reach them too.
+	for _, a := range anchors {
+		go func(a *rawConn) {
+			for {
+				if _, _, err := a.readFrame(); err != nil {
+					return
+				}
+			}
+		}(a)
+	}
+	res := concurrently(o, func(n int) error {
+		deadline := time.Now().Add(stepTimeout)
+		rc, err := dialRaw(addr, requests[n%o.rooms], deadline)
+		if err != nil {
+			return err
+		}
+		if err := rc.writeFrame(websocket.TextMessage, msg); err != nil {
+			rc.conn.Close()
+			return err
+		}
+		if opcode, echo, err := rc.readFrame(); err != nil || opcode != websocket.TextMessage || !bytes.Equal(echo, msg) {
+			rc.conn.Close()
+			return errors.New("no echo")
+		}
+		return rc.closeHandshake(deadline)
+	})
+	res["connections"] = res["done"]
+	delete(res, "done")
+	emit("end", res)
+	return nil
+}
+
+// roomrate: --clients bare clients in one room (--room), opened one after
+// the other; once each has sent its upgrade request (TLS done for wss://) it
+// emits {"ev":"dialed"} and waits for a line on stdin (bench.py may have
+// stopped a worker meanwhile, to choose which one accepts), then reads the
+// 101s and emits {"ev":"ready"}. Then each client sends --size-byte messages
+// at --rate per second for --duration seconds (begin ... end), each
+// broadcast to every client of the room; "end" counts the deliveries.
+func roomRate(o *options) error {
+	addr, request, err := upgradeRequest(o.roomURL(o.room))
+	if err != nil {
+		return err
+	}
+	var clients []*rawConn
+	for i := 0; i < o.clients; i++ {
+		c, err := net.DialTimeout("tcp", addr, stepTimeout)
+		if err != nil {
+			return err
+		}
+		if tlsConfig != nil {
+			tc := tls.Client(c, tlsConfig)
+			tc.SetDeadline(time.Now().Add(stepTimeout))
+			if err := tc.Handshake(); err != nil {
+				return err
+			}
+			c = tc
+		}
+		rc := &rawConn{conn: c, br: bufio.NewReaderSize(c, 4096), mask: [4]byte{1, 2, 3, 4}}
+		if _, err := c.Write(request); err != nil {
+			return err
+		}
+		clients = append(clients, rc)
+	}
+	emit("dialed", map[string]any{})
+	bufio.NewReader(os.Stdin).ReadString('\n')
+	for _, rc := range clients {
+		rc.conn.SetDeadline(time.Now().Add(stepTimeout))
+		status, err := rc.br.ReadSlice('\n')
+		if err != nil || !bytes.HasPrefix(status, []byte("HTTP/1.1 101")) {
+			return fmt.Errorf("no 101: %q %v", status, err)
+		}
+		for {
+			line, err := rc.br.ReadSlice('\n')
+			if err != nil {
+				return err
+			}
+			if len(bytes.TrimSpace(line)) == 0 {
+				break
+			}
+		}
+		rc.conn.SetDeadline(time.Time{})
+	}
+	emit("ready", map[string]any{})
+	var delivered int64
+	var stop int32
+	for _, rc := range clients {
+		go func(rc *rawConn) {
+			for {
+				if _, _, err := rc.readFrame(); err != nil {
+					return
+				}
+				if atomic.LoadInt32(&stop) == 0 {
+					atomic.AddInt64(&delivered, 1)
+				}
+			}
+		}(rc)
+	}
+	msg := payload(o.size)
+	var wg sync.WaitGroup
+	emit("begin", map[string]any{"pids": pids(), "cpu_s": ownCPU()})
+	t0 := time.Now()
+	end := t0.Add(seconds(o.duration))
+	for i, rc := range clients {
+		wg.Add(1)
+		go func(i int, rc *rawConn) {
+			defer wg.Done()
+			interval := seconds(1 / o.rate)
+			next := t0.Add(interval * time.Duration(i) / time.Duration(len(clients)))
+			for next.Before(end) {
+				time.Sleep(time.Until(next))
+				rc.writeFrame(websocket.TextMessage, msg)
+				next = next.Add(interval)
+			}
+		}(i, rc)
+	}
+	wg.Wait()
+	time.Sleep(200 * time.Millisecond) // the last messages' deliveries
+	atomic.StoreInt32(&stop, 1)
+	elapsed := time.Since(t0).Seconds()
+	emit("end", map[string]any{"deliveries": atomic.LoadInt64(&delivered), "elapsed": elapsed, "cpu_s": ownCPU()})
+	for _, rc := range clients {
+		rc.conn.Close()
 	}
 	return nil
 }
@@ -1137,7 +1325,11 @@ func (m *manyRun) dial(roomURL string, id int, prepare func(rc *rawConn) error) 
 			return nil, err
 		}
 	}
-	raw, err := rc.conn.SyscallConn()
+	tcp, ok := rc.conn.(*net.TCPConn)
+	if !ok {
+		return nil, errors.New("manyrooms reads plain TCP sockets only (no wss://)")
+	}
+	raw, err := tcp.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
@@ -1724,6 +1916,8 @@ func main() {
 		"big":       func() error { return sequential(o, min(o.warmup, 2)) },
 		"handshake": func() error { return handshake(o) },
 		"rooms":     func() error { return rooms(o) },
+		"connect":   func() error { return connect(o) },
+		"roomrate":  func() error { return roomRate(o) },
 		"fanout":    func() error { return fanout(o) },
 		"idle":      func() error { return idle(o) },
 		"manyrooms": func() error { return manyRooms(o) },
