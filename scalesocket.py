@@ -53,7 +53,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "__version__",
