@@ -2424,13 +2424,24 @@ def _mutate(rng, data: bytes) -> bytes:
         if choice < 0.4 and data:
             data[rng.randrange(len(data))] = rng.randrange(256)
         elif choice < 0.6 and data:
-            del data[rng.randrange(len(data)):][: rng.randint(1, 8)]
+            pos = rng.randrange(len(data))
+            del data[pos : pos + rng.randint(1, 8)]
         elif choice < 0.8:
             pos = rng.randint(0, len(data))
             data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
         else:
             data += data[: rng.randint(0, len(data))]
     return bytes(data)
+
+
+def test_fuzz_mutations_change_overwrite_delete_insert_and_repeat():
+    """The fuzzers' mutator does each of its edits: some results are shorter, some longer, some the same length but changed."""
+    rng = random.Random(0)
+    data = bytes(range(100))
+    results = [_mutate(rng, data) for _ in range(300)]
+    assert any(len(out) < len(data) for out in results)  # only a deletion shortens
+    assert any(len(out) > len(data) for out in results)
+    assert any(len(out) == len(data) and out != data for out in results)
 
 
 @pytest.mark.parametrize("seed", range(4))
