@@ -2627,8 +2627,10 @@ def test_python_children_are_unbuffered_by_default(serve):
 
 
 @pytest.mark.skipif(shutil.which("sed") is None, reason="needs sed (a C stdio program)")
-def test_pty_makes_c_stdio_and_python_flush_lines(serve):
+def test_pty_makes_c_stdio_and_python_flush_lines(serve, monkeypatch):
     """--pty: sed (C stdio) and a buffered Python answer each line at once; no echo of input."""
+    # The Python child takes the server's PYTHONUNBUFFERED (--passenv): unset, so only the terminal makes it flush.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     server = serve("--pty", "sed", "--", "-e", "s/^/sed: /")
     a = server.connect("/r")
     a.send_text("one")
@@ -2637,8 +2639,9 @@ def test_pty_makes_c_stdio_and_python_flush_lines(serve):
     assert a.recv_text() == "sed: two"
     a.close()
     server = serve("--pty", "--passenv", "PATH,PYTHONUNBUFFERED", sys.executable, "--", "-c",
-                   BUFFERED_ANSWER + "import os\nprint(os.isatty(1))")
+                   "import os\nprint(os.isatty(1))\n" + BUFFERED_ANSWER)
     a = server.connect("/r")
+    assert a.recv_text() == "True"  # its stdout is a terminal, and the line came without a flush
     a.send_text("three")
     assert a.recv_text() == "got three"
     a.close()
