@@ -2200,6 +2200,9 @@ def test_backlog_counts_the_kernel_send_queue(serve):
     fast.close()
 
 
+STALLED = 2.0  # seconds a socket stays full before a test takes it that the server has stopped reading
+
+
 def test_child_that_stops_reading_backpressures_its_clients_only(serve):
     """A child that never reads stdin: its clients wait (bounded memory); other rooms go on; a gone client still leaves."""
     server = serve("--ping", "0.3", *py_child("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)"))
@@ -2207,14 +2210,21 @@ def test_child_that_stops_reading_backpressures_its_clients_only(serve):
     pid = int(stuck.recv_text())
     frame = Frame(Opcode.BINARY, bytes(65536)).serialize(MASK)
     stuck.sock.setblocking(False)
-    sent = 0
-    try:
-        while sent < 200 * 2**20:
-            sent += stuck.sock.send(frame)
-    except BlockingIOError:
-        pass
+    # Send for as long as the server takes more: wait for the socket to be writable again after each
+    # full buffer. A server that stops reading lets it stay full; one that goes on would take it all.
+    sent, pending = 0, memoryview(b"")
+    while sent < 40 * 2**20:
+        if not select.select([], [stuck.sock], [], STALLED)[1]:
+            break  # not writable for STALLED seconds: the server has stopped reading this client
+        try:
+            pending = pending or memoryview(frame)
+            n = stuck.sock.send(pending)
+        except BlockingIOError:
+            continue
+        sent += n
+        pending = pending[n:]
     # What was accepted fits in socket buffers, one read chunk and the pipe: bounded.
-    assert sent < 40 * 2**20, sent
+    assert sent < 40 * 2**20, f"the server took {sent} bytes from a client whose child does not read"
     other = serve(*py_child(ECHO)).connect("/fine")  # the server process is not stuck
     b = server.connect("/other")
     assert b.recv_text().isdigit()  # another room of the same server starts its child
