@@ -951,9 +951,19 @@ def test_rooms_are_isolated(serve):
     b.close()
 
 
-def test_child_is_stopped_and_reaped_after_last_client(serve):
-    """The last client out stops the child; no process or zombie is left."""
-    server = serve(*py_child("import os\nprint(os.getpid())\n" + ECHO))
+def _noting_signals(marker, *signums: str, exit_on: str = "") -> str:
+    """Code that appends the name of each of these signals it gets to ``marker``, and exits 0 on ``exit_on``."""
+    return (f"import os, signal\ndef _note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
+            f"        f.write(signal.Signals(signum).name + ' ')\n    if signal.Signals(signum).name == {exit_on!r}:\n"
+            f"        os._exit(0)\nfor _name in {list(signums)!r}:\n    signal.signal(getattr(signal, _name), _note)\n")
+
+
+def test_child_is_stopped_and_reaped_after_last_client(serve, tmp_path):
+    """The last client out stops the child with SIGTERM, which it may trap to clean up; no process or zombie is left."""
+    marker = tmp_path / "signals"
+    # It answers until its input ends, then waits: only a signal ends it.
+    code = _noting_signals(marker, "SIGTERM", exit_on="SIGTERM") + "print(os.getpid())\n" + ECHO + "\nsignal.pause()\n"
+    server = serve(*py_child(code))
     a = server.connect("/r")
     pid = int(a.recv_text())
     b = server.connect("/r")
@@ -963,17 +973,63 @@ def test_child_is_stopped_and_reaped_after_last_client(serve):
     assert not process_gone(pid)
     b.close()
     wait_until(lambda: process_gone(pid), what=f"child {pid} to be reaped")
+    assert marker.read_text() == "SIGTERM "  # it could clean up: not a SIGKILL at once
     assert server.call(lambda: dict(server.server.hub.rooms)) == {}
 
 
-def test_child_that_ignores_sigterm_is_killed(serve):
-    """A child that ignores SIGTERM gets SIGKILL after the grace period."""
-    code = "import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())\nsys.stdin.read()\nimport time\ntime.sleep(60)"
+def test_child_that_ignores_sigterm_is_killed(serve, tmp_path):
+    """A child that traps SIGTERM and goes on gets SIGKILL, no sooner than the grace period."""
+    marker = tmp_path / "signals"
+    code = _noting_signals(marker, "SIGTERM") + "import sys, time\nprint(os.getpid())\nsys.stdin.read()\nwhile True:\n    time.sleep(60)"
     server = serve(*py_child(code))
     a = server.connect("/r")
     pid = int(a.recv_text())
+    before = time.monotonic()  # the server starts the grace after it reads the close, so after this
     a.close()
     wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="SIGKILL")
+    assert time.monotonic() - before >= ss.KILL_GRACE  # it lived its grace period
+    assert marker.read_text() == "SIGTERM "  # SIGTERM first, which it ignored
+
+
+def test_stopping_a_child_stops_the_helpers_in_its_process_group(serve, tmp_path):
+    """SIGTERM goes to the child's process group: a helper the child started gets it too, while the child still runs."""
+    marker = tmp_path / "child"
+    code = ("import os, signal, subprocess, sys\n"
+            "helper = subprocess.Popen([sys.executable, '-c', 'import time\\ntime.sleep(3600)'], stdout=subprocess.DEVNULL)\n"
+            "def stop(signum, frame):\n"
+            f"    with open({str(marker)!r}, 'w') as f:\n"
+            "        f.write('SIGTERM, helper ended with %d' % helper.wait())\n"  # the helper got it as well
+            "    os._exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print(os.getpid(), helper.pid, flush=True)\nsys.stdin.read()\nwhile True:\n    signal.pause()\n")
+    server = serve(*py_child(code))
+    a = server.connect("/r")
+    pid, helper = map(int, a.recv_text().split())
+    try:
+        a.close()
+        wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="the child stopped")
+        assert marker.read_text() == f"SIGTERM, helper ended with {-signal.SIGTERM}"
+        assert process_gone(helper)  # the child reaped it
+    finally:
+        if not process_gone(helper) and "time.sleep(3600)" in _command(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_child_that_exits_stops_the_helpers_it_left(serve):
+    """A child that exits on its own: a helper it left running in its process group is stopped too."""
+    code = ("import os, subprocess, sys\n"
+            "helper = subprocess.Popen([sys.executable, '-c', 'import time\\ntime.sleep(3600)'])\n"
+            "print(os.getpid(), helper.pid, flush=True)\nsys.stdin.readline()\n")
+    server = serve(*py_child(code))
+    a = server.connect("/r")
+    pid, helper = map(int, a.recv_text().split())
+    try:
+        a.send_text("that is all")
+        assert a.recv_close() == (1000, "child exited with code 0")
+        wait_until(lambda: not _alive(helper), what="the helper stopped")
+    finally:
+        if _alive(helper) and "time.sleep(3600)" in _command(helper):
+            os.kill(helper, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("exit_code, close_code", [(0, 1000), (3, 1011)])
@@ -2671,17 +2727,17 @@ def test_pty_binary_mode_runs_a_terminal_program(serve):
     a.close()
 
 
-def test_pty_child_is_stopped_with_a_hangup(serve):
-    """--pty: when the room empties, a shell on the terminal is ended by SIGHUP, not left running."""
-    server = serve("--pty", "--binary", "sh", "--", "-i")
+def test_pty_child_is_stopped_with_a_hangup(serve, tmp_path):
+    """--pty: when the room empties, the child gets SIGHUP (a hangup, which ends shells), not SIGTERM or SIGKILL."""
+    marker = tmp_path / "signals"
+    code = (_noting_signals(marker, "SIGHUP", "SIGTERM", exit_on="SIGHUP") +
+            "import sys\nprint(os.getpid())\nsys.stdin.read()\nwhile True:\n    signal.pause()\n")
+    server = serve("--pty", *py_child(code))
     a = server.connect("/r")
-    a.send_binary(b"echo pid=$$\n")
-    out = b""
-    while b"pid=" not in out or not out.rstrip().endswith(b"#") and b"\n" not in out.split(b"pid=")[1]:
-        out += a.recv()[1]
-    pid = int(re.search(rb"pid=(\d+)", out).group(1))
+    pid = int(a.recv_text())
     a.close()
-    wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE - 0.5, what="the shell to hang up")
+    wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="the child stopped")
+    assert marker.read_text() == "SIGHUP "
 
 
 def test_pty_unavailable_is_a_spawn_failure(serve, monkeypatch):
