@@ -3504,18 +3504,19 @@ def test_workers_limits_hold_for_the_whole_server():
 
 def test_worker_killed_is_replaced_and_its_rooms_come_back():
     """SIGKILL to a worker: restarted, its children stopped and reaped, its rooms work for a new
-    client, the other workers' clients never notice."""
-    server = CLIServer("--workers", "3", "--metrics", *py_child(PID_ECHO))
+    client, whose id is above every earlier one; the other workers' clients never notice."""
+    server = CLIServer("--workers", "3", "--metrics", "--joinmsg", "joined #ID", *py_child(PID_ECHO))
 
     def counters() -> dict[str, int]:
         text = http_request(server.port, "/metrics")[2].decode()
         return {name: int(value) for name, value in re.findall(r"^scalesocket_(\w+)_total (\d+)$", text, re.M)}
 
     try:
-        rooms = {}
+        rooms, ids = {}, []
         for i in range(9):
             client = ws_connect("127.0.0.1", server.port, f"/room{i}")
             rooms[f"room{i}"] = (client, int(client.recv_text()))
+            ids.append(int(client.recv_text().split()[1]))  # "joined ID", echoed by its child
         before = counters()
         worker_pids = _children_of(server.proc.pid)
         parent = {pid: _children_of(pid) for pid in worker_pids}
@@ -3535,6 +3536,9 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
             if room in lost:
                 fresh = ws_connect("127.0.0.1", server.port, f"/{room}")
                 assert int(fresh.recv_text()) != child  # a fresh child
+                fresh_id = int(fresh.recv_text().split()[1])
+                assert fresh_id > max(ids), (fresh_id, ids)  # ids go on across the worker's restart
+                ids.append(fresh_id)
                 fresh.send_text("back")
                 assert fresh.recv_text() == "back"
                 fresh.close()
@@ -3548,18 +3552,41 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
                for line in server.lines), server.lines
 
 
+def _started_children(parent: int) -> set[tuple[int, int]]:
+    """The children of ``parent`` as (pid, start time) pairs: a pid used again is another process."""
+    found = set()
+    for pid in _children_of(parent):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                found.add((pid, int(f.read().rpartition(")")[2].split()[19])))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
 def test_worker_that_keeps_dying_is_restarted_with_a_backoff():
-    """A worker killed again and again soon after each start is restarted after a growing wait, and the log says so."""
+    """A worker killed again and again soon after each start is restarted after a growing wait that the
+    log announces; each restart comes no sooner than the wait announced."""
     server = CLIServer("--workers", "2", "cat")
     try:
+        wait_until(lambda: len(_started_children(server.proc.pid)) == 2, what="two workers")
+        victim = min(_started_children(server.proc.pid))
+        announced = []
         for _ in range(3):
-            wait_until(lambda: len(_children_of(server.proc.pid)) == 2, what="two workers")
-            newest = max(_children_of(server.proc.pid))  # the same worker each time: the one last started
-            os.kill(newest, signal.SIGKILL)
-            wait_until(lambda: newest not in _children_of(server.proc.pid), what="the worker gone")
-        wait_until(lambda: any("3 times in a row within 10 s of starting: next start in 1 s" in line
-                               for line in server.lines), what="the backoff line")
-        wait_until(lambda: len(_children_of(server.proc.pid)) == 2, what="the worker back after its wait")
+            workers = _started_children(server.proc.pid)
+            killed_at = time.monotonic()
+            os.kill(victim[0], signal.SIGKILL)
+            wait_until(lambda: _started_children(server.proc.pid) - workers, timeout=ss.RESTART_BACKOFF_MAX,
+                       what="the worker started again")
+            waited = time.monotonic() - killed_at  # at least the time from its death to its successor
+            pattern = re.compile(rf"\(pid {victim[0]}\) was killed by signal 9(: starting it again|, \d+ times in a row "
+                                 r"within 10 s of starting: next start in ([\d.]+) s)$")
+            wait_until(lambda: any(pattern.search(line) for line in server.lines), what="the restart's log line")
+            wait = float(next(pattern.search(line) for line in server.lines if pattern.search(line)).group(2) or 0)
+            assert waited >= wait, f"restarted {waited:.2f} s after the kill, though the log said {wait} s"
+            announced.append(wait)
+            (victim,) = _started_children(server.proc.pid) - workers  # the same worker, started again
+        assert announced == [0, 0.5, 1]  # a growing wait
         assert http_request(server.port, "/health")[0] == 200
     finally:
         assert server.stop() == 0
