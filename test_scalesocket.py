@@ -2912,12 +2912,15 @@ def test_sigterm_closes_clients_1001_and_reaps_children():
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(workers):
-    """SIGTERM with 50 clients that never read or answer and children that trap SIGTERM: 1001 to
-    every client at once, SIGKILL to the children after their grace, exit 0 within 3 s; a client
-    that answers still gets a clean closing handshake. The same with two workers."""
-    stubborn = ("import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                "print(os.getpid(), flush=True)\nsys.stdin.read()\nimport time\ntime.sleep(60)")
+def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(workers, tmp_path):
+    """SIGTERM with 50 clients that never read or answer and children that trap SIGTERM and go on: 1001
+    to every client at once, SIGTERM then SIGKILL after their grace to the children, exit 0 before the
+    close timeout (which the server once waited for silent clients); a client that answers still gets
+    a clean closing handshake. The same with two workers. (bench/shutdown.py measures the exit time.)"""
+    marker = tmp_path / "sigterms"
+    stubborn = (f"import os, signal, sys\ndef note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
+                "        f.write('%d\\n' % os.getpid())\nsignal.signal(signal.SIGTERM, note)\n"
+                "print(os.getpid(), flush=True)\nsys.stdin.read()\nimport time\nwhile True:\n    time.sleep(60)")
     server = CLIServer("--workers", workers, *py_child(stubborn))
     try:
         polite = ws_connect("127.0.0.1", server.port, "/room0")
@@ -2929,17 +2932,21 @@ def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(worker
                 pids.add(int(client.recv_text()))
             silent.append(client)
         assert len(pids) == 5
-        server.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
         assert polite.recv_close() == (1001, "server shutting down")  # it answers (WSClient echoes the close)
         polite.wait_eof()  # and the server closes the TCP connection after the handshake
         assert server.proc.wait(IO_TIMEOUT) == 0
-        assert time.monotonic() - started < 3.0  # before `docker stop` or Kubernetes would kill it
+        took = time.monotonic() - started
+        # Not sooner than the children's grace (no SIGKILL at once); not waiting the close timeout for the
+        # silent clients, the old behaviour (about 2.1 s here; the figure is bench/shutdown.py's).
+        assert ss.KILL_GRACE <= took < ss.CLOSE_TIMEOUT, took
         for client in silent:  # each was sent 1001, though it never read nor answered
             client.protocol.receive_data(b"")
             assert client.recv_close() == (1001, "server shutting down")
         for pid in pids:
             assert process_gone(pid)
+        assert sorted(map(int, marker.read_text().split())) == sorted(pids)  # each had its SIGTERM first
     finally:
         server.stop()
 
