@@ -3690,6 +3690,81 @@ def test_workers_sigterm_closes_every_client_1001_and_exits_0():
         server.stop()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigint_shuts_down_as_sigterm_does(workers):
+    """SIGINT (Ctrl-C) to the server: every client gets 1001, every child is reaped, exit 0, no traceback; with workers too."""
+    server = CLIServer("--workers", workers, *py_child(PID_ECHO))
+    try:
+        clients, children = _first_lines(server.port, 6)
+        server.proc.send_signal(signal.SIGINT)
+        for client in clients:
+            assert client.recv_close() == (1001, "server shutting down")
+        assert server.proc.wait(IO_TIMEOUT) == 0
+        for pid in children:
+            assert process_gone(pid)
+    finally:
+        server.stop()
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in server.lines), server.lines
+
+
+def test_supervisor_killed_its_workers_and_children_stop():
+    """SIGKILL to the supervisor: each worker gets SIGTERM (the parent-death signal), closes its clients
+    with 1001 and stops its rooms' children; no worker or child is left running."""
+    server = CLIServer("--workers", "2", *py_child(PID_ECHO))
+    workers: list[int] = []
+    children: list[int] = []
+    try:
+        clients, children = _first_lines(server.port, 8)
+        workers = _children_of(server.proc.pid)
+        assert len(workers) == 2 and {_parent(pid) for pid in children} == set(workers)  # rooms on both workers
+        server.proc.kill()
+        assert server.proc.wait(IO_TIMEOUT) == -signal.SIGKILL
+        for client in clients:
+            assert client.recv_close() == (1001, "server shutting down")
+        wait_until(lambda: not any(_alive(pid) for pid in workers + children), timeout=ss.KILL_GRACE + IO_TIMEOUT,
+                   what="the workers and their children to stop")
+    finally:
+        for pid in workers + children:  # what a failure left behind (not a zombie: those are init's)
+            if _alive(pid) and ("scalesocket.py" in _command(pid) or pid in children):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_child_stderr_is_logged_tagged_with_its_room(log_format):
+    """What a child writes on stderr goes to the server's log, a line at a time, tagged with the child's room."""
+    code = ("import os, sys\nsys.stderr.write('trouble in %s\\nand more\\n' % os.environ['ROOM'])\nsys.stderr.flush()\n"
+            "print('ok', flush=True)\nsys.stdin.readline()\n")
+    server = CLIServer("--log", log_format, *py_child(code))
+    try:
+        clients = [ws_connect("127.0.0.1", server.port, f"/{room}") for room in ("alpha", "beta")]
+        for client in clients:
+            assert client.recv_text() == "ok"
+
+        def logged(room: str, text: str) -> bool:
+            for line in list(server.lines):
+                if log_format == "json":
+                    entry = json.loads(line)
+                    if entry.get("room") == room and text in entry["message"]:
+                        return True
+                elif f"room {room!r}" in line and line.rstrip().endswith(text):
+                    return True
+            return False
+
+        for room in ("alpha", "beta"):
+            wait_until(lambda: logged(room, f"trouble in {room}") and logged(room, "and more"),
+                       what=f"room {room}'s stderr in the log")
+        for client in clients:
+            client.close()
+    finally:
+        assert server.stop() == 0
+
+
 def test_workers_log_their_index_and_split_the_tcp_ports():
     """--log json lines carry the worker; --tcpports is split between workers: no port goes to two children."""
     port_child = "import os, socket, sys\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n" \
