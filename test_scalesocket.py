@@ -3533,7 +3533,7 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
         for room, (client, child) in rooms.items():
             if room in lost:
                 assert client.recv_close()[0] == 1006  # the TCP connection ended: no close frame was possible
-                wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what=f"child {child} reaped")
+                wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + IO_TIMEOUT, what=f"child {child} reaped")
         wait_until(lambda: len(_children_of(server.proc.pid)) == 3, what="a new worker")
         assert victim not in _children_of(server.proc.pid)
         # The server-wide counters live in the supervisor's memory: they never go back, and the
@@ -3617,7 +3617,7 @@ def test_worker_death_stops_a_stubborn_child_and_the_supervisor_lives_on():
         child = int(client.recv_text())
         worker = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
         os.kill(worker, signal.SIGKILL)
-        wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what="the orphan SIGKILLed and reaped")
+        wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="the orphan SIGKILLed and reaped")
         assert http_request(server.port, "/health")[0] == 200
         assert server.proc.poll() is None, "".join(server.lines)
     finally:
@@ -3634,6 +3634,10 @@ def test_worker_death_spares_what_other_workers_rooms_started():
     try:
         client = ws_connect("127.0.0.1", server.port, f"/{room}")
         child = int(client.recv_text())
+        # sh forked the helper and exited (so it is the supervisor's, the subreaper's), but the fork may
+        # not have run `sleep` yet: until it has, its command line still reads `sh -c ...`.
+        wait_until(lambda: any(_command(pid).startswith("sleep") for pid in _children_of(server.proc.pid)),
+                   what="the helper to run sleep")
         sleeper = next(pid for pid in _children_of(server.proc.pid) if _command(pid).startswith("sleep"))
         owner = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
         idle = next(pid for pid in _children_of(server.proc.pid) if pid not in (owner, sleeper))
