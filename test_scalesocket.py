@@ -3651,14 +3651,25 @@ def test_worker_death_spares_what_other_workers_rooms_started():
         assert server.stop() == 0
 
 
-def test_workers_sigterm_right_after_listening_exits_0_and_cleans_up():
+@pytest.fixture
+def own_tmpdir(monkeypatch):
+    """A TMPDIR of the test's own (short enough for Unix socket paths), for the servers it starts.
+
+    Other servers on the machine (other test runs) make and remove their
+    directories in the shared one at any time.
+    """
+    directory = tempfile.mkdtemp(prefix="sstest-")
+    monkeypatch.setenv("TMPDIR", directory)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_workers_sigterm_right_after_listening_exits_0_and_cleans_up(own_tmpdir):
     """A SIGTERM as soon as the 'listening on' line is out: exit 0, no temporary directory left."""
-    before = set(os.listdir(tempfile.gettempdir()))
     for _ in range(5):
         server = CLIServer("--workers", "2", "cat")
         assert server.stop() == 0
-    left = {name for name in set(os.listdir(tempfile.gettempdir())) - before if name.startswith("scalesocket-")}
-    assert left == set()
+    assert os.listdir(own_tmpdir) == []
 
 
 def test_workers_under_a_long_tmpdir(tmp_path, monkeypatch):
@@ -3711,9 +3722,12 @@ def test_sigint_shuts_down_as_sigterm_does(workers):
     assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in server.lines), server.lines
 
 
-def test_supervisor_killed_its_workers_and_children_stop():
+def test_supervisor_killed_its_workers_and_children_stop(own_tmpdir):
     """SIGKILL to the supervisor: each worker gets SIGTERM (the parent-death signal), closes its clients
-    with 1001 and stops its rooms' children; no worker or child is left running."""
+    with 1001 and stops its rooms' children; no worker or child is left running.
+
+    (The killed supervisor cannot remove its directory for the workers' sockets: own_tmpdir does.)
+    """
     server = CLIServer("--workers", "2", *py_child(PID_ECHO))
     workers: list[int] = []
     children: list[int] = []
