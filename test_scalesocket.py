@@ -3572,8 +3572,7 @@ def _started_children(parent: int) -> set[tuple[int, int]]:
 
 
 def test_worker_that_keeps_dying_is_restarted_with_a_backoff():
-    """A worker killed again and again soon after each start is restarted after a growing wait that the
-    log announces; each restart comes no sooner than the wait announced."""
+    """A worker that keeps dying soon after each start is restarted after a growing wait, announced in the log and kept."""
     server = CLIServer("--workers", "2", "cat")
     try:
         wait_until(lambda: len(_started_children(server.proc.pid)) == 2, what="two workers")
@@ -3723,11 +3722,8 @@ def test_sigint_shuts_down_as_sigterm_does(workers):
 
 
 def test_supervisor_killed_its_workers_and_children_stop(own_tmpdir):
-    """SIGKILL to the supervisor: each worker gets SIGTERM (the parent-death signal), closes its clients
-    with 1001 and stops its rooms' children; no worker or child is left running.
-
-    (The killed supervisor cannot remove its directory for the workers' sockets: own_tmpdir does.)
-    """
+    """SIGKILL to the supervisor: each worker gets SIGTERM (parent-death signal), closes its clients 1001, stops its children."""
+    # (A killed supervisor cannot remove its directory for the workers' sockets: own_tmpdir does.)
     server = CLIServer("--workers", "2", *py_child(PID_ECHO))
     workers: list[int] = []
     children: list[int] = []
