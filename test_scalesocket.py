@@ -958,9 +958,18 @@ def test_rooms_are_isolated(serve):
     b.close()
 
 
+# Child code: wait for signals, forever. Unlike signal.pause() or a sleep, it cannot miss one that comes
+# just before it blocks: the signal's byte waits in the wakeup pipe, and the handler runs once it is read.
+WAKEUP_PIPE = "import os, signal\n_wake, _woken = os.pipe()\nos.set_blocking(_woken, False)\nsignal.set_wakeup_fd(_woken)\n"
+WAIT_FOR_SIGNALS = "\nwhile True:\n    os.read(_wake, 1)\n"
+
+
 def _noting_signals(marker, *signums: str, exit_on: str = "") -> str:
-    """Code that appends the name of each of these signals it gets to ``marker``, and exits 0 on ``exit_on``."""
-    return (f"import os, signal\ndef _note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
+    """Code that appends the name of each of these signals it gets to ``marker``, and exits 0 on ``exit_on``.
+
+    It may end with WAIT_FOR_SIGNALS.
+    """
+    return (WAKEUP_PIPE + f"def _note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
             f"        f.write(signal.Signals(signum).name + ' ')\n    if signal.Signals(signum).name == {exit_on!r}:\n"
             f"        os._exit(0)\nfor _name in {list(signums)!r}:\n    signal.signal(getattr(signal, _name), _note)\n")
 
@@ -969,7 +978,7 @@ def test_child_is_stopped_and_reaped_after_last_client(serve, tmp_path):
     """The last client out stops the child with SIGTERM, which it may trap to clean up; no process or zombie is left."""
     marker = tmp_path / "signals"
     # It answers until its input ends, then waits: only a signal ends it.
-    code = _noting_signals(marker, "SIGTERM", exit_on="SIGTERM") + "print(os.getpid())\n" + ECHO + "\nsignal.pause()\n"
+    code = _noting_signals(marker, "SIGTERM", exit_on="SIGTERM") + "print(os.getpid())\n" + ECHO + WAIT_FOR_SIGNALS
     server = serve(*py_child(code))
     a = server.connect("/r")
     pid = int(a.recv_text())
@@ -987,7 +996,7 @@ def test_child_is_stopped_and_reaped_after_last_client(serve, tmp_path):
 def test_child_that_ignores_sigterm_is_killed(serve, tmp_path):
     """A child that traps SIGTERM and goes on gets SIGKILL, no sooner than the grace period."""
     marker = tmp_path / "signals"
-    code = _noting_signals(marker, "SIGTERM") + "import sys, time\nprint(os.getpid())\nsys.stdin.read()\nwhile True:\n    time.sleep(60)"
+    code = _noting_signals(marker, "SIGTERM") + "import sys\nprint(os.getpid())\nsys.stdin.read()" + WAIT_FOR_SIGNALS
     server = serve(*py_child(code))
     a = server.connect("/r")
     pid = int(a.recv_text())
@@ -1001,14 +1010,14 @@ def test_child_that_ignores_sigterm_is_killed(serve, tmp_path):
 def test_stopping_a_child_stops_the_helpers_in_its_process_group(serve, tmp_path):
     """SIGTERM goes to the child's process group: a helper the child started gets it too, while the child still runs."""
     marker = tmp_path / "child"
-    code = ("import os, signal, subprocess, sys\n"
+    code = (WAKEUP_PIPE + "import subprocess, sys\n"
             "helper = subprocess.Popen([sys.executable, '-c', 'import time\\ntime.sleep(3600)'], stdout=subprocess.DEVNULL)\n"
             "def stop(signum, frame):\n"
             f"    with open({str(marker)!r}, 'w') as f:\n"
             "        f.write('SIGTERM, helper ended with %d' % helper.wait())\n"  # the helper got it as well
             "    os._exit(0)\n"
             "signal.signal(signal.SIGTERM, stop)\n"
-            "print(os.getpid(), helper.pid, flush=True)\nsys.stdin.read()\nwhile True:\n    signal.pause()\n")
+            "print(os.getpid(), helper.pid, flush=True)\nsys.stdin.read()" + WAIT_FOR_SIGNALS)
     server = serve(*py_child(code))
     a = server.connect("/r")
     pid, helper = map(int, a.recv_text().split())
@@ -2760,7 +2769,7 @@ def test_pty_child_is_stopped_with_a_hangup(serve, tmp_path):
     """--pty: when the room empties, the child gets SIGHUP (a hangup, which ends shells), not SIGTERM or SIGKILL."""
     marker = tmp_path / "signals"
     code = (_noting_signals(marker, "SIGHUP", "SIGTERM", exit_on="SIGHUP") +
-            "import sys\nprint(os.getpid())\nsys.stdin.read()\nwhile True:\n    signal.pause()\n")
+            "import sys\nprint(os.getpid())\nsys.stdin.read()" + WAIT_FOR_SIGNALS)
     server = serve("--pty", *py_child(code))
     a = server.connect("/r")
     pid = int(a.recv_text())
@@ -2918,9 +2927,9 @@ def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(worker
     close timeout (which the server once waited for silent clients); a client that answers still gets
     a clean closing handshake. The same with two workers. (bench/shutdown.py measures the exit time.)"""
     marker = tmp_path / "sigterms"
-    stubborn = (f"import os, signal, sys\ndef note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
+    stubborn = (WAKEUP_PIPE + f"import sys\ndef note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
                 "        f.write('%d\\n' % os.getpid())\nsignal.signal(signal.SIGTERM, note)\n"
-                "print(os.getpid(), flush=True)\nsys.stdin.read()\nimport time\nwhile True:\n    time.sleep(60)")
+                "print(os.getpid(), flush=True)\nsys.stdin.read()" + WAIT_FOR_SIGNALS)
     server = CLIServer("--workers", workers, *py_child(stubborn))
     try:
         polite = ws_connect("127.0.0.1", server.port, "/room0")
