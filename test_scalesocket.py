@@ -2475,6 +2475,7 @@ def test_no_leaks_over_connect_disconnect_cycles(serve):
     a leak of a KiB per connection fails. SCALESOCKET_LEAK_CYCLES=1000 runs
     the full check (and prints the figures).
     """
+    import array
     import gc
     import tracemalloc
 
@@ -2489,8 +2490,8 @@ def test_no_leaks_over_connect_disconnect_cycles(serve):
         client.close()
         return pid
 
-    def settled() -> int:
-        """Wait until every child is reaped and the room is gone; return the traced memory."""
+    def settled(pids) -> int:
+        """Wait until these children are reaped and the room is gone; return the traced memory."""
         for pid in pids:
             wait_until(lambda: process_gone(pid), what=f"child {pid} reaped")
         wait_until(lambda: server.call(lambda: not server.server.hub.rooms and not server.server.clients),
@@ -2502,11 +2503,13 @@ def test_no_leaks_over_connect_disconnect_cycles(serve):
     if not tracing:
         tracemalloc.start()
     try:
-        pids = [cycle() for _ in range(10)]  # warm up caches, buffers and free lists, traced
-        traced_before = settled()
+        settled([cycle() for _ in range(10)])  # warm up caches, buffers and free lists, traced
+        pids = array.array("i", [0]) * cycles  # made before the count starts, and holding no int objects
+        traced_before = settled([])
         fds_before, rss_before = len(os.listdir("/proc/self/fd")), _rss_kib()
-        pids = [cycle() for _ in range(cycles)]
-        traced_after = settled()
+        for i in range(cycles):
+            pids[i] = cycle()
+        traced_after = settled(pids)
     finally:
         if not tracing:
             tracemalloc.stop()
