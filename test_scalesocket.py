@@ -235,6 +235,13 @@ def wait_until(condition, timeout: float = IO_TIMEOUT, what: str = "condition") 
         time.sleep(0.02)
 
 
+def skip_or_fail(reason: str, flag: str = "SCALESOCKET_REQUIRE_TOOLS") -> None:
+    """Skip a test that the machine cannot run; where ``flag`` is set in the environment (CI), fail instead."""
+    if os.environ.get(flag):
+        pytest.fail(f"{flag} is set but {reason}")
+    pytest.skip(reason)
+
+
 def process_gone(pid: int) -> bool:
     """True once a process has exited and been reaped (no zombie left)."""
     try:
@@ -371,9 +378,13 @@ class CLIServer:
             self.lines.append(line.decode())
 
     def stop(self) -> int:
+        """Stop the server (SIGTERM) and return its exit status, once all it logged is in ``lines``."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        return self.proc.wait(IO_TIMEOUT)
+        status = self.proc.wait(IO_TIMEOUT)
+        self._drain.join(IO_TIMEOUT)  # the last lines, read to the end of the log
+        assert not self._drain.is_alive(), "something still holds the server's stderr open"
+        return status
 
 
 ###############################################################################
@@ -630,9 +641,8 @@ def test_server_initiated_close_then_data_is_ignored():
 
 def test_close_reason_is_cut_to_fit_a_control_frame():
     """A long close reason is cut to 123 bytes without splitting a character."""
-    payload = ss.close_payload(1011, "é" * 100)
-    assert len(payload) <= 125
-    payload[2:].decode("utf-8")
+    payload = ss.close_payload(1011, "é" * 100)  # 200 bytes of reason; 61 whole characters fit in 123
+    assert payload == struct.pack("!H", 1011) + ("é" * 61).encode("utf-8")
 
 
 def test_nothing_after_failure():
@@ -949,9 +959,28 @@ def test_rooms_are_isolated(serve):
     b.close()
 
 
-def test_child_is_stopped_and_reaped_after_last_client(serve):
-    """The last client out stops the child; no process or zombie is left."""
-    server = serve(*py_child("import os\nprint(os.getpid())\n" + ECHO))
+# Child code: wait for signals, forever. Unlike signal.pause() or a sleep, it cannot miss one that comes
+# just before it blocks: the signal's byte waits in the wakeup pipe, and the handler runs once it is read.
+WAKEUP_PIPE = "import os, signal\n_wake, _woken = os.pipe()\nos.set_blocking(_woken, False)\nsignal.set_wakeup_fd(_woken)\n"
+WAIT_FOR_SIGNALS = "\nwhile True:\n    os.read(_wake, 1)\n"
+
+
+def _noting_signals(marker, *signums: str, exit_on: str = "") -> str:
+    """Code that appends the name of each of these signals it gets to ``marker``, and exits 0 on ``exit_on``.
+
+    It may end with WAIT_FOR_SIGNALS.
+    """
+    return (WAKEUP_PIPE + f"def _note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
+            f"        f.write(signal.Signals(signum).name + ' ')\n    if signal.Signals(signum).name == {exit_on!r}:\n"
+            f"        os._exit(0)\nfor _name in {list(signums)!r}:\n    signal.signal(getattr(signal, _name), _note)\n")
+
+
+def test_child_is_stopped_and_reaped_after_last_client(serve, tmp_path):
+    """The last client out stops the child with SIGTERM, which it may trap to clean up; no process or zombie is left."""
+    marker = tmp_path / "signals"
+    # It answers until its input ends, then waits: only a signal ends it.
+    code = _noting_signals(marker, "SIGTERM", exit_on="SIGTERM") + "print(os.getpid())\n" + ECHO + WAIT_FOR_SIGNALS
+    server = serve(*py_child(code))
     a = server.connect("/r")
     pid = int(a.recv_text())
     b = server.connect("/r")
@@ -961,17 +990,63 @@ def test_child_is_stopped_and_reaped_after_last_client(serve):
     assert not process_gone(pid)
     b.close()
     wait_until(lambda: process_gone(pid), what=f"child {pid} to be reaped")
+    assert marker.read_text() == "SIGTERM "  # it could clean up: not a SIGKILL at once
     assert server.call(lambda: dict(server.server.hub.rooms)) == {}
 
 
-def test_child_that_ignores_sigterm_is_killed(serve):
-    """A child that ignores SIGTERM gets SIGKILL after the grace period."""
-    code = "import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())\nsys.stdin.read()\nimport time\ntime.sleep(60)"
+def test_child_that_ignores_sigterm_is_killed(serve, tmp_path):
+    """A child that traps SIGTERM and goes on gets SIGKILL, no sooner than the grace period."""
+    marker = tmp_path / "signals"
+    code = _noting_signals(marker, "SIGTERM") + "import sys\nprint(os.getpid())\nsys.stdin.read()" + WAIT_FOR_SIGNALS
     server = serve(*py_child(code))
     a = server.connect("/r")
     pid = int(a.recv_text())
+    before = time.monotonic()  # the server starts the grace after it reads the close, so after this
     a.close()
     wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="SIGKILL")
+    assert time.monotonic() - before >= ss.KILL_GRACE  # it lived its grace period
+    assert marker.read_text() == "SIGTERM "  # SIGTERM first, which it ignored
+
+
+def test_stopping_a_child_stops_the_helpers_in_its_process_group(serve, tmp_path):
+    """SIGTERM goes to the child's process group: a helper the child started gets it too, while the child still runs."""
+    marker = tmp_path / "child"
+    code = (WAKEUP_PIPE + "import subprocess, sys\n"
+            "helper = subprocess.Popen([sys.executable, '-c', 'import time\\ntime.sleep(3600)'], stdout=subprocess.DEVNULL)\n"
+            "def stop(signum, frame):\n"
+            f"    with open({str(marker)!r}, 'w') as f:\n"
+            "        f.write('SIGTERM, helper ended with %d' % helper.wait())\n"  # the helper got it as well
+            "    os._exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print(os.getpid(), helper.pid, flush=True)\nsys.stdin.read()" + WAIT_FOR_SIGNALS)
+    server = serve(*py_child(code))
+    a = server.connect("/r")
+    pid, helper = map(int, a.recv_text().split())
+    try:
+        a.close()
+        wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="the child stopped")
+        assert marker.read_text() == f"SIGTERM, helper ended with {-signal.SIGTERM}"
+        assert process_gone(helper)  # the child reaped it
+    finally:
+        if not process_gone(helper) and "time.sleep(3600)" in _command(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_child_that_exits_stops_the_helpers_it_left(serve):
+    """A child that exits on its own: a helper it left running in its process group is stopped too."""
+    code = ("import os, subprocess, sys\n"
+            "helper = subprocess.Popen([sys.executable, '-c', 'import time\\ntime.sleep(3600)'])\n"
+            "print(os.getpid(), helper.pid, flush=True)\nsys.stdin.readline()\n")
+    server = serve(*py_child(code))
+    a = server.connect("/r")
+    pid, helper = map(int, a.recv_text().split())
+    try:
+        a.send_text("that is all")
+        assert a.recv_close() == (1000, "child exited with code 0")
+        wait_until(lambda: not _alive(helper), what="the helper stopped")
+    finally:
+        if _alive(helper) and "time.sleep(3600)" in _command(helper):
+            os.kill(helper, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("exit_code, close_code", [(0, 1000), (3, 1011)])
@@ -1281,7 +1356,7 @@ def test_soft_open_file_limit_is_raised_to_the_hard_one():
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 6000:
-        pytest.skip(f"the hard limit ({hard}) is too low to show the raise")
+        skip_or_fail(f"the hard open-file limit ({hard}) is too low to show the raise (ulimit -Hn 6000 as root)")
     server = CLIServer("--maxclients", "1000", "cat", nofile=(128, hard))  # needs about 5,032
     try:
         limits = open(f"/proc/{server.proc.pid}/limits").read()
@@ -1319,7 +1394,7 @@ def _health_ok(port: int) -> bool:
 def test_readme_curl_quick_start_works():
     """The README's curl line, run as written against a real server, shows the 101 and the child's frame."""
     if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+        skip_or_fail("curl is not installed (apt-get install curl)")
     import shlex
 
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
@@ -1536,9 +1611,7 @@ class CDP:
 def chromium(tmp_path):
     """A headless Chromium; yields (host, port, path) of its DevTools socket."""
     if CHROMIUM is None:
-        if os.environ.get("SCALESOCKET_REQUIRE_BROWSER"):
-            pytest.fail("SCALESOCKET_REQUIRE_BROWSER is set but Chromium is not installed")
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
+        skip_or_fail("Chromium is not installed (apt-get install chromium)", "SCALESOCKET_REQUIRE_BROWSER")
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--remote-debugging-port=0", "--no-sandbox", "--disable-gpu",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -2209,6 +2282,9 @@ def test_backlog_counts_the_kernel_send_queue(serve):
     fast.close()
 
 
+STALLED = 2.0  # seconds a socket stays full before a test takes it that the server has stopped reading
+
+
 def test_child_that_stops_reading_backpressures_its_clients_only(serve):
     """A child that never reads stdin: its clients wait (bounded memory); other rooms go on; a gone client still leaves."""
     server = serve("--ping", "0.3", *py_child("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)"))
@@ -2216,14 +2292,21 @@ def test_child_that_stops_reading_backpressures_its_clients_only(serve):
     pid = int(stuck.recv_text())
     frame = Frame(Opcode.BINARY, bytes(65536)).serialize(MASK)
     stuck.sock.setblocking(False)
-    sent = 0
-    try:
-        while sent < 200 * 2**20:
-            sent += stuck.sock.send(frame)
-    except BlockingIOError:
-        pass
+    # Send for as long as the server takes more: wait for the socket to be writable again after each
+    # full buffer. A server that stops reading lets it stay full; one that goes on would take it all.
+    sent, pending = 0, memoryview(b"")
+    while sent < 40 * 2**20:
+        if not select.select([], [stuck.sock], [], STALLED)[1]:
+            break  # not writable for STALLED seconds: the server has stopped reading this client
+        try:
+            pending = pending or memoryview(frame)
+            n = stuck.sock.send(pending)
+        except BlockingIOError:
+            continue
+        sent += n
+        pending = pending[n:]
     # What was accepted fits in socket buffers, one read chunk and the pipe: bounded.
-    assert sent < 40 * 2**20, sent
+    assert sent < 40 * 2**20, f"the server took {sent} bytes from a client whose child does not read"
     other = serve(*py_child(ECHO)).connect("/fine")  # the server process is not stuck
     b = server.connect("/other")
     assert b.recv_text().isdigit()  # another room of the same server starts its child
@@ -2235,7 +2318,8 @@ def test_child_that_stops_reading_backpressures_its_clients_only(serve):
 
 def test_keepalive_closes_silent_clients_and_keeps_answering_ones(serve):
     """--ping: a client that answers pings stays; one that never answers is closed with 1011."""
-    server = serve("--ping", "0.2", *py_child(ECHO))
+    # --ping 1: the answering client (a thread sharing the GIL with the server) has a second to answer.
+    server = serve("--ping", "1", *py_child(ECHO))
     silent = server.connect("/quiet")
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
     raw.sendall(UPGRADE.replace("/chat?x=1", "/lively").encode())
@@ -2245,14 +2329,15 @@ def test_keepalive_closes_silent_clients_and_keeps_answering_ones(serve):
     parser = FrameParser(masked=False)
     frames = parser.feed(buf.partition(b"\r\n\r\n")[2])
     pings = 0
-    while pings < 5:
+    while pings < 3:
         while not frames:
             frames = parser.feed(raw.recv(4096))
         frame = frames.pop(0)
         assert frame.opcode == Opcode.PING, frame
         raw.sendall(Frame(Opcode.PONG, frame.payload).serialize(MASK))
         pings += 1
-    # Five pings answered over about a second: still open. The silent one was closed.
+    # Three pings answered over about 3 s, past the 2 s of silence that close a client: still open.
+    # The silent one was closed.
     raw.sendall(Frame(Opcode.TEXT, b"alive").serialize(MASK))
     frames = frames or parser.feed(raw.recv(4096))
     while frames[0].opcode == Opcode.PING:
@@ -2341,7 +2426,7 @@ def test_trustproxy_gives_the_child_the_forwarded_address(serve, trust):
 def certificate(tmp_path):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+        skip_or_fail("the openssl command is not installed (apt-get install openssl)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
@@ -2397,9 +2482,16 @@ def _rss_kib() -> int:
 def test_no_leaks_over_connect_disconnect_cycles(serve):
     """Many connect/disconnect cycles on one room leave no child, zombie, fd or memory behind.
 
-    SCALESOCKET_LEAK_CYCLES=1000 runs the full check (and prints the figures).
+    The server's Python memory is counted by tracemalloc (it runs in this
+    process): it may not grow by more than a few hundred bytes per cycle, so
+    a leak of a KiB per connection fails. SCALESOCKET_LEAK_CYCLES=1000 runs
+    the full check (and prints the figures).
     """
-    cycles = int(os.environ.get("SCALESOCKET_LEAK_CYCLES", "30"))
+    import array
+    import gc
+    import tracemalloc
+
+    cycles = int(os.environ.get("SCALESOCKET_LEAK_CYCLES", "50"))
     server = serve(*py_child("import os\nprint(os.getpid(), flush=True)\n" + ECHO))
 
     def cycle() -> int:
@@ -2410,17 +2502,36 @@ def test_no_leaks_over_connect_disconnect_cycles(serve):
         client.close()
         return pid
 
-    for pid in [cycle() for _ in range(5)]:  # warm up caches and buffers
-        wait_until(lambda: process_gone(pid), what="warm-up child gone")
-    fds_before, rss_before = len(os.listdir("/proc/self/fd")), _rss_kib()
-    pids = [cycle() for _ in range(cycles)]
-    for pid in pids:
-        wait_until(lambda: process_gone(pid), what=f"child {pid} reaped")
-    wait_until(lambda: server.call(lambda: not server.server.hub.rooms and not server.server.clients), what="room gone")
+    def settled(pids) -> int:
+        """Wait until these children are reaped and the room is gone; return the traced memory."""
+        for pid in pids:
+            wait_until(lambda: process_gone(pid), what=f"child {pid} reaped")
+        wait_until(lambda: server.call(lambda: not server.server.hub.rooms and not server.server.clients),
+                   what="room gone")
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        settled([cycle() for _ in range(10)])  # warm up caches, buffers and free lists, traced
+        pids = array.array("i", [0]) * cycles  # made before the count starts, and holding no int objects
+        traced_before = settled([])
+        fds_before, rss_before = len(os.listdir("/proc/self/fd")), _rss_kib()
+        for i in range(cycles):
+            pids[i] = cycle()
+        traced_after = settled(pids)
+    finally:
+        if not tracing:
+            tracemalloc.stop()
     wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before, what="fds back")
     rss_after = _rss_kib()
+    grown = traced_after - traced_before
     print(f"\n{cycles} cycles: fds {fds_before} -> {len(os.listdir('/proc/self/fd'))}, "
-          f"RSS {rss_before} KiB -> {rss_after} KiB")
+          f"RSS {rss_before} KiB -> {rss_after} KiB, Python memory {grown:+d} B ({grown / cycles:+.0f} B per cycle)")
+    # What stays allocated now and then (a read buffer, a free list) is under 16 KiB; a leak grows with the cycles.
+    assert grown < 16 * 1024 + 256 * cycles, f"{grown} B more Python memory after {cycles} cycles"
     assert rss_after - rss_before < 20 * 1024
 
 
@@ -2436,13 +2547,24 @@ def _mutate(rng, data: bytes) -> bytes:
         if choice < 0.4 and data:
             data[rng.randrange(len(data))] = rng.randrange(256)
         elif choice < 0.6 and data:
-            del data[rng.randrange(len(data)):][: rng.randint(1, 8)]
+            pos = rng.randrange(len(data))
+            del data[pos : pos + rng.randint(1, 8)]
         elif choice < 0.8:
             pos = rng.randint(0, len(data))
             data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
         else:
             data += data[: rng.randint(0, len(data))]
     return bytes(data)
+
+
+def test_fuzz_mutations_change_overwrite_delete_insert_and_repeat():
+    """The fuzzers' mutator does each of its edits: some results are shorter, some longer, some the same length but changed."""
+    rng = random.Random(0)
+    data = bytes(range(100))
+    results = [_mutate(rng, data) for _ in range(300)]
+    assert any(len(out) < len(data) for out in results)  # only a deletion shortens
+    assert any(len(out) > len(data) for out in results)
+    assert any(len(out) == len(data) and out != data for out in results)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -2565,10 +2687,15 @@ def test_deflate_end_to_end_and_zip_bomb(serve):
     assert "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover" in a.head
     text = "compress me " * 100
     a.send_raw(Frame(Opcode.TEXT, ss.deflate(text.encode(), 15), rsv1=True).serialize(MASK))
-    wire = a.sock.recv(65536)
     first = FrameParser(masked=False)
     first.allow_rsv1 = True
-    frame = first.feed(wire)[0]
+    wire, frames = b"", []
+    while not frames:  # a frame may come in more than one read
+        data = a.sock.recv(65536)
+        assert data, wire
+        wire += data
+        frames = first.feed(data)
+    frame = frames[0]
     assert frame.rsv1 and len(frame.payload) < len(text) // 4  # compressed on the way back
     a.protocol.receive_data(wire)
     assert a.protocol.events_received() == [ss.Message(Opcode.TEXT, text.encode())]
@@ -2617,9 +2744,12 @@ def test_python_children_are_unbuffered_by_default(serve):
     a.close()
 
 
-@pytest.mark.skipif(shutil.which("sed") is None, reason="needs sed (a C stdio program)")
-def test_pty_makes_c_stdio_and_python_flush_lines(serve):
+def test_pty_makes_c_stdio_and_python_flush_lines(serve, monkeypatch):
     """--pty: sed (C stdio) and a buffered Python answer each line at once; no echo of input."""
+    if shutil.which("sed") is None:
+        skip_or_fail("needs sed (a C stdio program)")
+    # The Python child takes the server's PYTHONUNBUFFERED (--passenv): unset, so only the terminal makes it flush.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     server = serve("--pty", "sed", "--", "-e", "s/^/sed: /")
     a = server.connect("/r")
     a.send_text("one")
@@ -2628,8 +2758,9 @@ def test_pty_makes_c_stdio_and_python_flush_lines(serve):
     assert a.recv_text() == "sed: two"
     a.close()
     server = serve("--pty", "--passenv", "PATH,PYTHONUNBUFFERED", sys.executable, "--", "-c",
-                   BUFFERED_ANSWER + "import os\nprint(os.isatty(1))")
+                   "import os\nprint(os.isatty(1))\n" + BUFFERED_ANSWER)
     a = server.connect("/r")
+    assert a.recv_text() == "True"  # its stdout is a terminal, and the line came without a flush
     a.send_text("three")
     assert a.recv_text() == "got three"
     a.close()
@@ -2649,17 +2780,17 @@ def test_pty_binary_mode_runs_a_terminal_program(serve):
     a.close()
 
 
-def test_pty_child_is_stopped_with_a_hangup(serve):
-    """--pty: when the room empties, a shell on the terminal is ended by SIGHUP, not left running."""
-    server = serve("--pty", "--binary", "sh", "--", "-i")
+def test_pty_child_is_stopped_with_a_hangup(serve, tmp_path):
+    """--pty: when the room empties, the child gets SIGHUP (a hangup, which ends shells), not SIGTERM or SIGKILL."""
+    marker = tmp_path / "signals"
+    code = (_noting_signals(marker, "SIGHUP", "SIGTERM", exit_on="SIGHUP") +
+            "import sys\nprint(os.getpid())\nsys.stdin.read()" + WAIT_FOR_SIGNALS)
+    server = serve("--pty", *py_child(code))
     a = server.connect("/r")
-    a.send_binary(b"echo pid=$$\n")
-    out = b""
-    while b"pid=" not in out or not out.rstrip().endswith(b"#") and b"\n" not in out.split(b"pid=")[1]:
-        out += a.recv()[1]
-    pid = int(re.search(rb"pid=(\d+)", out).group(1))
+    pid = int(a.recv_text())
     a.close()
-    wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE - 0.5, what="the shell to hang up")
+    wait_until(lambda: process_gone(pid), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="the child stopped")
+    assert marker.read_text() == "SIGHUP "
 
 
 def test_pty_unavailable_is_a_spawn_failure(serve, monkeypatch):
@@ -2820,12 +2951,15 @@ def test_sigterm_closes_clients_1001_and_reaps_children():
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(workers):
-    """SIGTERM with 50 clients that never read or answer and children that trap SIGTERM: 1001 to
-    every client at once, SIGKILL to the children after their grace, exit 0 within 3 s; a client
-    that answers still gets a clean closing handshake. The same with two workers."""
-    stubborn = ("import os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                "print(os.getpid(), flush=True)\nsys.stdin.read()\nimport time\ntime.sleep(60)")
+def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(workers, tmp_path):
+    """SIGTERM with 50 clients that never read or answer and children that trap SIGTERM and go on: 1001
+    to every client at once, SIGTERM then SIGKILL after their grace to the children, exit 0 before the
+    close timeout (which the server once waited for silent clients); a client that answers still gets
+    a clean closing handshake. The same with two workers. (bench/shutdown.py measures the exit time.)"""
+    marker = tmp_path / "sigterms"
+    stubborn = (WAKEUP_PIPE + f"import sys\ndef note(signum, frame):\n    with open({str(marker)!r}, 'a') as f:\n"
+                "        f.write('%d\\n' % os.getpid())\nsignal.signal(signal.SIGTERM, note)\n"
+                "print(os.getpid(), flush=True)\nsys.stdin.read()" + WAIT_FOR_SIGNALS)
     server = CLIServer("--workers", workers, *py_child(stubborn))
     try:
         polite = ws_connect("127.0.0.1", server.port, "/room0")
@@ -2837,17 +2971,21 @@ def test_sigterm_exits_promptly_with_silent_clients_and_stubborn_children(worker
                 pids.add(int(client.recv_text()))
             silent.append(client)
         assert len(pids) == 5
-        server.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
         assert polite.recv_close() == (1001, "server shutting down")  # it answers (WSClient echoes the close)
         polite.wait_eof()  # and the server closes the TCP connection after the handshake
         assert server.proc.wait(IO_TIMEOUT) == 0
-        assert time.monotonic() - started < 3.0  # before `docker stop` or Kubernetes would kill it
+        took = time.monotonic() - started
+        # Not sooner than the children's grace (no SIGKILL at once); not waiting the close timeout for the
+        # silent clients, the old behaviour (about 2.1 s here; the figure is bench/shutdown.py's).
+        assert ss.KILL_GRACE <= took < ss.CLOSE_TIMEOUT, took
         for client in silent:  # each was sent 1001, though it never read nor answered
             client.protocol.receive_data(b"")
             assert client.recv_close() == (1001, "server shutting down")
         for pid in pids:
             assert process_gone(pid)
+        assert sorted(map(int, marker.read_text().split())) == sorted(pids)  # each had its SIGTERM first
     finally:
         server.stop()
 
@@ -2958,9 +3096,7 @@ class Proxy:
     def __init__(self, kind: str, backend_ports: list[int]) -> None:
         binary = shutil.which(kind, path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin")
         if binary is None:
-            if os.environ.get("SCALESOCKET_REQUIRE_PROXY"):
-                pytest.fail(f"SCALESOCKET_REQUIRE_PROXY is set but {kind} is not installed")
-            pytest.skip(f"{kind} is not installed (apt-get install {kind})")
+            skip_or_fail(f"{kind} is not installed (apt-get install {kind})", "SCALESOCKET_REQUIRE_PROXY")
         self.kind = kind
         self.port = _free_port()
         self.lines: list[str] = []
@@ -3123,24 +3259,10 @@ def test_proxy_query_string_does_not_move_a_room(cluster):
     assert sum(cluster.children_started(i) for i in range(3)) == len(rooms)
 
 
-def _connect_until_101(cluster: Cluster, path: str) -> WSClient:
-    """Reconnect as a page would, until the proxy finds a live host (bounded)."""
-    result = []
-
-    def attempt() -> bool:
-        try:
-            result.append(cluster.connect(path))
-        except (HandshakeFailed, ConnectionError):
-            return False
-        return True
-
-    wait_until(attempt, what=f"a working room at {path}")
-    return result[0]
-
-
 def test_proxy_host_shutdown_moves_only_its_rooms(cluster):
     """SIGTERM to one host: its clients get 1001 through the proxy; the other rooms keep their
-    clients, child and host; a client reconnecting to a moved room gets a new child on a live host."""
+    clients, child and host; a client reconnecting to a moved room gets a new child on a live host
+    at its first attempt: it sees no error."""
     clients = {room: cluster.connect(f"/{room}") for room in PROXY_ROOMS}
     for room, client in clients.items():
         client.send_text(f"before {room}")
@@ -3167,7 +3289,7 @@ def test_proxy_host_shutdown_moves_only_its_rooms(cluster):
 
     live = {cluster.backends[i].proc.pid for i in survivors}
     for room in moved:
-        clients[room] = _connect_until_101(cluster, f"/{room}")
+        clients[room] = cluster.connect(f"/{room}")  # one attempt, one 101: the client sees no error
         clients[room].send_text(f"moved {room}")
         tags[room] = _expect(clients[room], f"moved {room}")
         assert tags[room][0] in live
@@ -3698,18 +3820,19 @@ def test_workers_limits_hold_for_the_whole_server():
 
 def test_worker_killed_is_replaced_and_its_rooms_come_back():
     """SIGKILL to a worker: restarted, its children stopped and reaped, its rooms work for a new
-    client, the other workers' clients never notice."""
-    server = CLIServer("--workers", "3", "--metrics", *py_child(PID_ECHO))
+    client, whose id is above every earlier one; the other workers' clients never notice."""
+    server = CLIServer("--workers", "3", "--metrics", "--joinmsg", "joined #ID", *py_child(PID_ECHO))
 
     def counters() -> dict[str, int]:
         text = http_request(server.port, "/metrics")[2].decode()
         return {name: int(value) for name, value in re.findall(r"^scalesocket_(\w+)_total (\d+)$", text, re.M)}
 
     try:
-        rooms = {}
+        rooms, ids = {}, []
         for i in range(9):
             client = ws_connect("127.0.0.1", server.port, f"/room{i}")
             rooms[f"room{i}"] = (client, int(client.recv_text()))
+            ids.append(int(client.recv_text().split()[1]))  # "joined ID", echoed by its child
         before = counters()
         worker_pids = _children_of(server.proc.pid)
         parent = {pid: _children_of(pid) for pid in worker_pids}
@@ -3719,7 +3842,7 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
         for room, (client, child) in rooms.items():
             if room in lost:
                 assert client.recv_close()[0] == 1006  # the TCP connection ended: no close frame was possible
-                wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what=f"child {child} reaped")
+                wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + IO_TIMEOUT, what=f"child {child} reaped")
         wait_until(lambda: len(_children_of(server.proc.pid)) == 3, what="a new worker")
         assert victim not in _children_of(server.proc.pid)
         # The server-wide counters live in the supervisor's memory: they never go back, and the
@@ -3729,6 +3852,9 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
             if room in lost:
                 fresh = ws_connect("127.0.0.1", server.port, f"/{room}")
                 assert int(fresh.recv_text()) != child  # a fresh child
+                fresh_id = int(fresh.recv_text().split()[1])
+                assert fresh_id > max(ids), (fresh_id, ids)  # ids go on across the worker's restart
+                ids.append(fresh_id)
                 fresh.send_text("back")
                 assert fresh.recv_text() == "back"
                 fresh.close()
@@ -3742,18 +3868,40 @@ def test_worker_killed_is_replaced_and_its_rooms_come_back():
                for line in server.lines), server.lines
 
 
+def _started_children(parent: int) -> set[tuple[int, int]]:
+    """The children of ``parent`` as (pid, start time) pairs: a pid used again is another process."""
+    found = set()
+    for pid in _children_of(parent):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                found.add((pid, int(f.read().rpartition(")")[2].split()[19])))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
 def test_worker_that_keeps_dying_is_restarted_with_a_backoff():
-    """A worker killed again and again soon after each start is restarted after a growing wait, and the log says so."""
+    """A worker that keeps dying soon after each start is restarted after a growing wait, announced in the log and kept."""
     server = CLIServer("--workers", "2", "cat")
     try:
+        wait_until(lambda: len(_started_children(server.proc.pid)) == 2, what="two workers")
+        victim = min(_started_children(server.proc.pid))
+        announced = []
         for _ in range(3):
-            wait_until(lambda: len(_children_of(server.proc.pid)) == 2, what="two workers")
-            newest = max(_children_of(server.proc.pid))  # the same worker each time: the one last started
-            os.kill(newest, signal.SIGKILL)
-            wait_until(lambda: newest not in _children_of(server.proc.pid), what="the worker gone")
-        wait_until(lambda: any("3 times in a row within 10 s of starting: next start in 1 s" in line
-                               for line in server.lines), what="the backoff line")
-        wait_until(lambda: len(_children_of(server.proc.pid)) == 2, what="the worker back after its wait")
+            workers = _started_children(server.proc.pid)
+            killed_at = time.monotonic()
+            os.kill(victim[0], signal.SIGKILL)
+            wait_until(lambda: _started_children(server.proc.pid) - workers, timeout=ss.RESTART_BACKOFF_MAX,
+                       what="the worker started again")
+            waited = time.monotonic() - killed_at  # at least the time from its death to its successor
+            pattern = re.compile(rf"\(pid {victim[0]}\) was killed by signal 9(: starting it again|, \d+ times in a row "
+                                 r"within 10 s of starting: next start in ([\d.]+) s)$")
+            wait_until(lambda: any(pattern.search(line) for line in server.lines), what="the restart's log line")
+            wait = float(next(pattern.search(line) for line in server.lines if pattern.search(line)).group(2) or 0)
+            assert waited >= wait, f"restarted {waited:.2f} s after the kill, though the log said {wait} s"
+            announced.append(wait)
+            (victim,) = _started_children(server.proc.pid) - workers  # the same worker, started again
+        assert announced == [0, 0.5, 1]  # a growing wait
         assert http_request(server.port, "/health")[0] == 200
     finally:
         assert server.stop() == 0
@@ -3777,7 +3925,7 @@ def test_worker_death_stops_a_stubborn_child_and_the_supervisor_lives_on():
         child = int(client.recv_text())
         worker = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
         os.kill(worker, signal.SIGKILL)
-        wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + 3, what="the orphan SIGKILLed and reaped")
+        wait_until(lambda: process_gone(child), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="the orphan SIGKILLed and reaped")
         assert http_request(server.port, "/health")[0] == 200
         assert server.proc.poll() is None, "".join(server.lines)
     finally:
@@ -3794,9 +3942,10 @@ def test_worker_death_spares_what_other_workers_rooms_started():
     try:
         client = ws_connect("127.0.0.1", server.port, f"/{room}")
         child = int(client.recv_text())
-        # sh may exit before its background child has become `sleep` (exec): wait for that.
+        # sh forked the helper and exited (so it is the supervisor's, the subreaper's), but the fork may
+        # not have run `sleep` yet: until it has, its command line still reads `sh -c ...`.
         wait_until(lambda: any(_command(pid).startswith("sleep") for pid in _children_of(server.proc.pid)),
-                   what="the helper's sleep")
+                   what="the helper to run sleep")
         sleeper = next(pid for pid in _children_of(server.proc.pid) if _command(pid).startswith("sleep"))
         owner = next(pid for pid in _children_of(server.proc.pid) if child in _children_of(pid))
         idle = next(pid for pid in _children_of(server.proc.pid) if pid not in (owner, sleeper))
@@ -3810,14 +3959,25 @@ def test_worker_death_spares_what_other_workers_rooms_started():
         assert server.stop() == 0
 
 
-def test_workers_sigterm_right_after_listening_exits_0_and_cleans_up():
+@pytest.fixture
+def own_tmpdir(monkeypatch):
+    """A TMPDIR of the test's own (short enough for Unix socket paths), for the servers it starts.
+
+    Other servers on the machine (other test runs) make and remove their
+    directories in the shared one at any time.
+    """
+    directory = tempfile.mkdtemp(prefix="sstest-")
+    monkeypatch.setenv("TMPDIR", directory)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_workers_sigterm_right_after_listening_exits_0_and_cleans_up(own_tmpdir):
     """A SIGTERM as soon as the 'listening on' line is out: exit 0, no temporary directory left."""
-    before = set(os.listdir(tempfile.gettempdir()))
     for _ in range(5):
         server = CLIServer("--workers", "2", "cat")
         assert server.stop() == 0
-    left = {name for name in set(os.listdir(tempfile.gettempdir())) - before if name.startswith("scalesocket-")}
-    assert left == set()
+    assert os.listdir(own_tmpdir) == []
 
 
 def test_workers_under_a_long_tmpdir(tmp_path, monkeypatch):
@@ -3851,6 +4011,81 @@ def test_workers_sigterm_closes_every_client_1001_and_exits_0():
             assert process_gone(pid)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigint_shuts_down_as_sigterm_does(workers):
+    """SIGINT (Ctrl-C) to the server: every client gets 1001, every child is reaped, exit 0, no traceback; with workers too."""
+    server = CLIServer("--workers", workers, *py_child(PID_ECHO))
+    try:
+        clients, children = _first_lines(server.port, 6)
+        server.proc.send_signal(signal.SIGINT)
+        for client in clients:
+            assert client.recv_close() == (1001, "server shutting down")
+        assert server.proc.wait(IO_TIMEOUT) == 0
+        for pid in children:
+            assert process_gone(pid)
+    finally:
+        server.stop()
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in server.lines), server.lines
+
+
+def test_supervisor_killed_its_workers_and_children_stop(own_tmpdir):
+    """SIGKILL to the supervisor: each worker gets SIGTERM (parent-death signal), closes its clients 1001, stops its children."""
+    # (A killed supervisor cannot remove its directory for the workers' sockets: own_tmpdir does.)
+    server = CLIServer("--workers", "2", *py_child(PID_ECHO))
+    workers: list[int] = []
+    children: list[int] = []
+    try:
+        clients, children = _first_lines(server.port, 8)
+        workers = _children_of(server.proc.pid)
+        assert len(workers) == 2 and {_parent(pid) for pid in children} == set(workers)  # rooms on both workers
+        server.proc.kill()
+        assert server.proc.wait(IO_TIMEOUT) == -signal.SIGKILL
+        for client in clients:
+            assert client.recv_close() == (1001, "server shutting down")
+        wait_until(lambda: not any(_alive(pid) for pid in workers + children), timeout=ss.KILL_GRACE + IO_TIMEOUT,
+                   what="the workers and their children to stop")
+    finally:
+        for pid in workers + children:  # what a failure left behind (not a zombie: those are init's)
+            if _alive(pid) and ("scalesocket.py" in _command(pid) or pid in children):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_child_stderr_is_logged_tagged_with_its_room(log_format):
+    """What a child writes on stderr goes to the server's log, a line at a time, tagged with the child's room."""
+    code = ("import os, sys\nsys.stderr.write('trouble in %s\\nand more\\n' % os.environ['ROOM'])\nsys.stderr.flush()\n"
+            "print('ok', flush=True)\nsys.stdin.readline()\n")
+    server = CLIServer("--log", log_format, *py_child(code))
+    try:
+        clients = [ws_connect("127.0.0.1", server.port, f"/{room}") for room in ("alpha", "beta")]
+        for client in clients:
+            assert client.recv_text() == "ok"
+
+        def logged(room: str, text: str) -> bool:
+            for line in list(server.lines):
+                if log_format == "json":
+                    entry = json.loads(line)
+                    if entry.get("room") == room and text in entry["message"]:
+                        return True
+                elif f"room {room!r}" in line and line.rstrip().endswith(text):
+                    return True
+            return False
+
+        for room in ("alpha", "beta"):
+            wait_until(lambda: logged(room, f"trouble in {room}") and logged(room, "and more"),
+                       what=f"room {room}'s stderr in the log")
+        for client in clients:
+            client.close()
+    finally:
+        assert server.stop() == 0
 
 
 def test_workers_log_their_index_and_split_the_tcp_ports():
@@ -4217,6 +4452,18 @@ def test_workers_auto_is_one_per_usable_cpu():
 ###############################################################################
 
 
+# The standard-library modules scalesocket.py may import: a fixed list, so that Python 3.9 (which has no
+# sys.stdlib_module_names) checks it too. A new import of the standard library goes here.
+STDLIB_ALLOWED = {
+    "__future__", "argparse", "asyncio", "base64", "binascii", "codecs", "collections", "contextlib", "ctypes",
+    "dataclasses", "email", "enum", "errno", "fcntl", "functools", "hashlib", "heapq", "hmac", "html", "http",
+    "ipaddress", "itertools", "json", "logging", "math", "mimetypes", "mmap", "os", "pathlib", "posixpath",
+    "re", "resource", "secrets", "select", "selectors", "shlex", "shutil", "signal", "socket", "ssl", "stat", "string",
+    "struct", "subprocess", "sys", "tempfile", "termios", "textwrap", "threading", "time", "traceback",
+    "types", "typing", "urllib", "weakref", "zlib",
+}
+
+
 def test_imports_only_the_standard_library():
     """scalesocket.py imports nothing outside the standard library."""
     with open(os.path.join(HERE, "scalesocket.py"), encoding="utf-8") as f:
@@ -4227,10 +4474,9 @@ def test_imports_only_the_standard_library():
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module.split(".")[0])
-    stdlib = getattr(sys, "stdlib_module_names", None)
-    if stdlib is None:  # Python 3.9: nothing to compare with but what is installed
-        pytest.skip("sys.stdlib_module_names needs Python 3.10")
-    assert names - set(stdlib) - {"__future__"} == set()
+    assert names - STDLIB_ALLOWED == set(), "not in STDLIB_ALLOWED: add it there if it is in the standard library"
+    if hasattr(sys, "stdlib_module_names"):  # Python 3.10+: the list itself holds only the standard library
+        assert STDLIB_ALLOWED - set(sys.stdlib_module_names) == set()
 
 
 def test_import_has_no_side_effects():
