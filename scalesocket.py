@@ -1665,6 +1665,9 @@ class Child:
                 # End of input at once, without the bytes the child never read:
                 # close() would wait for them, forever on a terminal.
                 self._input.abort()
+                await asyncio.sleep(0)  # abort() closes the pipe on the loop's next pass: EOF comes before the signal
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + KILL_GRACE
             # On a terminal, a hangup is what ends a session (shells ignore SIGTERM).
             first = signal.SIGHUP if self.config.pty else signal.SIGTERM
             for signum in (first, signal.SIGKILL):
@@ -1679,6 +1682,14 @@ class Child:
                     if signum == first:
                         log.warning("room %r: child %d ignored %s, killing it", self.room.name, self.pid, first.name,
                                     extra={"room": self.room.name})
+            # Helpers that outlived the child in its group (one that ignores SIGTERM) get SIGKILL when the
+            # grace ends. While one of them lives, no other group can be given the group's number.
+            while _group_exists(self.pid):
+                if loop.time() >= deadline:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(self.pid, signal.SIGKILL)
+                    break
+                await asyncio.sleep(0.05)
             # A grandchild may still hold the pipes open; nobody waits for it.
             for task in self._tasks:
                 if task is not asyncio.current_task():
@@ -1699,6 +1710,17 @@ class Child:
         name = "stderr" if fd == 2 else "stdout"
         for text in data.decode("utf-8", "replace").splitlines():
             log.warning("room %r: child %s: %s", self.room.name, name, text, extra={"room": self.room.name})
+
+
+def _group_exists(pgid: int) -> bool:
+    """Whether a process group still has a process in it (a zombie counts)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Room:

@@ -1008,6 +1008,44 @@ def test_child_that_ignores_sigterm_is_killed(serve, tmp_path):
     assert marker.read_text() == "SIGTERM "  # SIGTERM first, which it ignored
 
 
+def test_child_input_ends_before_its_sigterm(serve, tmp_path):
+    """When the room empties, the child's stdin has ended by the time its SIGTERM comes."""
+    marker = tmp_path / "at-sigterm"
+    code = ("import os, select, signal\n"
+            "def term(signum, frame):\n"
+            "    ended = bool(select.select([0], [], [], 0)[0]) and os.read(0, 1) == b''\n"
+            f"    open({str(marker)!r}, 'w').write('input ended' if ended else 'input open')\n"
+            "    os._exit(0)\n"
+            "signal.signal(signal.SIGTERM, term)\nprint(os.getpid(), flush=True)\nwhile True:\n    signal.pause()\n")
+    server = serve(*py_child(code))
+    for _ in range(5):  # a race, when it is one, shows in most rounds
+        a = server.connect("/r")
+        pid = int(a.recv_text())
+        a.close()
+        wait_until(lambda: process_gone(pid), what="the child stopped")
+        assert marker.read_text() == "input ended"
+
+
+def test_helper_that_ignores_sigterm_is_killed_when_the_grace_ends(serve):
+    """A helper in the child's process group that ignores SIGTERM outlives the child, then gets SIGKILL after the grace."""
+    helper_code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(3600)"
+    code = ("import os, subprocess, sys\n"
+            f"helper = subprocess.Popen([sys.executable, '-c', {helper_code!r}], stdout=subprocess.PIPE)\n"
+            "helper.stdout.readline()\n"  # its SIGTERM is ignored from now on
+            "print(os.getpid(), helper.pid, flush=True)\nsys.stdin.read()\n")
+    server = serve(*py_child(code))
+    a = server.connect("/r")
+    pid, helper = map(int, a.recv_text().split())
+    try:
+        before = time.monotonic()
+        a.close()
+        wait_until(lambda: not _alive(helper), timeout=ss.KILL_GRACE + IO_TIMEOUT, what="the helper killed")
+        assert time.monotonic() - before >= ss.KILL_GRACE
+    finally:
+        if _alive(helper) and "time.sleep(3600)" in _command(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
 def test_stopping_a_child_stops_the_helpers_in_its_process_group(serve, tmp_path):
     """SIGTERM goes to the child's process group: a helper the child started gets it too, while the child still runs."""
     marker = tmp_path / "child"
