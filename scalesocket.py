@@ -3255,9 +3255,22 @@ class Worker:
                 self._adopt(client, data, loop.time() + self._server.config.handshake_timeout, peer or None)
 
     def _adopt(self, sock: socket.socket, data: bytes, deadline: float, peer: str | None = None) -> None:
-        """Serve a connection of this worker's: build its transport and its Connection, with the bytes read."""
+        """Serve a connection of this worker's: build its transport and its Connection, with the bytes read.
+
+        Built here and now where the loop can (what ``create_server`` does for
+        one process), not through ``connect_accepted_socket``: that one costs a
+        task, a future and two more turns of the loop a connection.
+        """
         loop = asyncio.get_running_loop()
-        loop.create_task(self._connect(sock, data, deadline, peer))
+        make = getattr(loop, "_make_socket_transport", None)  # private, but in every asyncio from 3.7 to 3.13
+        if make is None:
+            loop.create_task(self._connect(sock, data, deadline, peer))
+            return
+        try:
+            make(sock, Connection(self._server, data, handed=True, deadline=deadline, peer=peer))
+        except OSError as exc:
+            log.debug("! a connection was lost before it was served: %s", exc)
+            sock.close()
 
     async def _connect(self, sock: socket.socket, data: bytes, deadline: float, peer: str | None) -> None:
         try:

@@ -5,6 +5,7 @@
     python3 bench/scaling.py --repeats 5 --workers 1,2,4
     python3 bench/scaling.py --no-tls          # without the wss:// part
     python3 bench/scaling.py --json /tmp/scaling.json
+    python3 bench/scaling.py --scalesocket /tmp/main.py   # another scalesocket.py (e.g. main's, to compare)
 
 Every figure is the CPU time of the whole server tree (the process started,
 its workers, and the rooms' ``cat`` children, live or reaped) over the timed
@@ -58,6 +59,9 @@ sys.path.insert(0, bench.REPO_DIR)
 import scalesocket  # noqa: E402  (worker_of: which worker owns the wss room)
 
 
+SCALESOCKET = bench.SCALESOCKET  # the file run: --scalesocket
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds used so far by a process and all its descendants, the reaped ones too."""
     total, todo = 0.0, [pid]
@@ -69,7 +73,7 @@ def tree_cpu(pid: int) -> float:
 
 
 def start_server(workers: int, tls: tuple[str, str] | None = None) -> bench.Server:
-    setup = bench.ServerSetup(extra_args=["--workers", str(workers)] if workers > 1 else [])
+    setup = bench.ServerSetup(scalesocket=SCALESOCKET, extra_args=["--workers", str(workers)] if workers > 1 else [])
     if tls:
         setup.extra_args += ["--tlscert", tls[0], "--tlskey", tls[1]]
     kind = "scalesocket"
@@ -212,7 +216,10 @@ def main() -> int:
     parser.add_argument("--room-rate", type=float, default=10.0)
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--json", help="write every run's figures here")
+    parser.add_argument("--scalesocket", default=bench.SCALESOCKET, help="the scalesocket.py to run (default: the repository's)")
     args = parser.parse_args()
+    global SCALESOCKET
+    SCALESOCKET = os.path.abspath(args.scalesocket)
     bench.raise_nofile()
     if not bench.ensure_go_loadgen():
         return 1
