@@ -95,6 +95,7 @@ TCP_CONNECT_TIMEOUT = 10.0  # seconds for a --tcp child to accept its connection
 CHILD_HIGH_WATER = 64 * 1024  # bytes queued for a child before its clients wait
 WAIT_PING = 2.0  # seconds between pings to a client waiting on its child
 FILE_CHUNK = 64 * 1024
+TABLE_SLOTS_MAX = 1 << 22  # slots of a worker's table of clients by address (--maxclientsperaddr): 64 MiB
 FDS_PER_ROOM = 4  # a child's three pipes and the descriptor that watches it
 RESERVED_FDS = 32  # the listener, the event loop, logs, static files being read
 DEFAULT_PASSENV = ("PATH", "DYLD_LIBRARY_PATH")
@@ -554,12 +555,12 @@ class PerMessageDeflate:
                 if value:
                     return None
             elif key == "server_max_window_bits":
-                if not (value.isdigit() and 9 <= int(value) <= 15):
+                if not (value.isascii() and value.isdigit() and 9 <= int(value) <= 15):
                     return None
                 window_bits = int(value)
             elif key == "client_max_window_bits":
                 # The server inflates with a 32 KiB window, which reads any smaller one.
-                if value and not (value.isdigit() and 8 <= int(value) <= 15):
+                if value and not (value.isascii() and value.isdigit() and 8 <= int(value) <= 15):
                     return None
             else:
                 return None
@@ -958,7 +959,10 @@ def check_origin(request: Request, origins: frozenset[str] | None, same_origin: 
     if origin is None or (origins is None and not same_origin):
         return
     origin = origin.lower()
-    host = urllib.parse.urlsplit(origin).netloc
+    try:
+        host = urllib.parse.urlsplit(origin).netloc
+    except ValueError:  # "http://[": not a URL
+        raise Forbidden(f"origin {origin!r} is not allowed") from None
     if same_origin and host == request.headers.get("host", "").lower():
         return
     if origins is not None and (origin in origins or host in origins):
@@ -2004,17 +2008,20 @@ class Census:
         self._tables = 1 + len(self.COUNTS) * workers  # where the first worker's table starts, in cells
         self._by_addr: collections.Counter = collections.Counter()  # this process's clients by address
         self._slot_of: dict[int, int] = {}  # key -> its slot in this worker's table
+        self._used = 0  # slots of this worker's table that are not empty
 
     @staticmethod
     def table_slots(config: Config, workers: int) -> int:
         """Slots of each worker's address table: none with one process or without --maxclientsperaddr.
 
-        At most half full (a worker holds at most --maxclients clients), so a
-        free slot is always found.
+        Twice --maxclients (a worker holds at most that many clients), up to
+        TABLE_SLOTS_MAX: the table is emptied and refilled with the live
+        addresses whenever half of it is used, so a search stays short and
+        a free slot is always found.
         """
         if workers == 1 or config.max_clients_per_addr is None:
             return 0
-        return 1 << (2 * config.max_clients).bit_length()
+        return min(1 << (2 * config.max_clients).bit_length(), TABLE_SLOTS_MAX)
 
     @staticmethod
     def size(config: Config, workers: int) -> int:
@@ -2116,9 +2123,23 @@ class Census:
         if not self._slots:
             return
         key = self._key(address)
+        if key not in self._slot_of and self._used >= self._slots // 2:
+            # Addresses long gone still hold slots, and each makes every
+            # search longer: start again from the live ones. Only on an
+            # admission, which holds the lock, so no worker reads it half done.
+            self._zero(self._index)
+            self._slot_of.clear()
+            self._used = 0
+            for live, clients in self._by_addr.items():
+                if live != address:
+                    self._place(self._key(live), clients)
+        self._place(key, count)
+
+    def _place(self, key: int, count: int) -> None:
+        """Set a key's count in this worker's table; a new key takes the first free slot on its way."""
         cells, base = self._cells, self._table(self._index)
         slot = self._slot_of.get(key)
-        if slot is None:  # a new key: the first free slot on its way
+        if slot is None:
             mask = self._slots - 1
             slot = key & mask
             while cells[base + 2 * slot] and cells[base + 2 * slot + 1]:
@@ -2126,9 +2147,19 @@ class Census:
             old = cells[base + 2 * slot]
             if old:
                 del self._slot_of[old]
+            else:
+                self._used += 1
             cells[base + 2 * slot] = key
             self._slot_of[key] = slot
         cells[base + 2 * slot + 1] = count
+
+    def _zero(self, index: int) -> None:
+        """Empty a worker's address table, a block at a time."""
+        base, end = self._table(index), self._table(index) + 2 * self._slots
+        block = memoryview(bytes(8 * 8192)).cast("Q")
+        for start in range(base, end, 8192):
+            stop = min(start + 8192, end)
+            self._cells[start:stop] = block[: stop - start]
 
     def admit_room(self) -> None:
         """Count a new room in; it counts until its child is gone.
@@ -2145,8 +2176,7 @@ class Census:
         """Forget the clients, rooms and addresses of a worker that died (the supervisor's job)."""
         self._cells[self._cell("clients", index)] = self._cells[self._cell("rooms", index)] = 0
         if self._slots:
-            base = self._table(index)
-            self._cells[base : base + 2 * self._slots] = memoryview(bytes(16 * self._slots)).cast("Q")
+            self._zero(index)
 
 
 class Hub:
@@ -2332,7 +2362,7 @@ class Connection(asyncio.Protocol):
         self.peer = peer  # the client's address; given when the socket is a TLS relay's (another worker's)
         self.relayed = False  # relayed to the room's worker: the transport is the relay's
         self.preread = preread  # accepted by a worker, which read these bytes to find the room
-        self.handed = handed  # routed by a worker: this one owns its room, whatever comes
+        self.handed = handed  # routed already (by its request line, or relayed): served here, never passed on
         self.deadline = deadline  # loop time by which the head must be in (default: --handshaketimeout from now)
         self.internal = internal  # from another worker, on the private socket: may ask for /_worker/state
         self.transport: asyncio.Transport | None = None
@@ -2656,6 +2686,13 @@ class Client:
         self.protocol.send_close(code, reason)
         self.flush()
         self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
+        if self.throttled:  # over --maxrate: read again, so that its answer to the close comes in
+            self._release.cancel()
+            self._release = None
+            self._held.clear()
+            self.throttled = False
+            if not self.waiting and self.upgraded:
+                self.transport.resume_reading()
 
     def cleanup(self) -> None:
         """Cancel what the client still has pending; call when its connection is done."""
@@ -2769,6 +2806,7 @@ def api_response(states: list[dict], path: str, details: bool = False):
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # a descriptor received is not inherited by children
 LISTEN_BACKLOG = 1024  # connections the kernel queues for the workers to accept
 HANDOVER_MAX = 128 * 1024  # bytes read before a connection is handed over (the head, and what came with it)
+HANDOVER_MESSAGE_MAX = HANDOVER_MAX + 2 + 255  # and the message's header: a kind, and an address of 255 bytes at most
 HANDOVER_TIMEOUT = 3.0  # seconds to get a connection to its worker (one that restarts takes about one)
 ACCEPT_BATCH = 16  # connections accepted a wake-up: one worker wakes for a burst, the others for the next
 FIRST_READ = 64 * 1024  # bytes read at once from a new connection, until its request line is in
@@ -2785,6 +2823,13 @@ def worker_of(room: str, workers: int) -> int:
     return int.from_bytes(digest, "big") % workers
 
 
+def api_room(path: str) -> str | None:
+    """Return the room an /api/ROOM/... path names (that room's worker answers it), or None."""
+    if not path.startswith("/api/") or path == "/api/rooms":
+        return None
+    return urllib.parse.unquote(path.split("/")[2]) or None
+
+
 def room_of_request_line(line: bytes, api: bool) -> str | None:
     """Return the room whose worker serves a request, from its request line alone; None for any worker.
 
@@ -2799,8 +2844,8 @@ def room_of_request_line(line: bytes, api: bool) -> str | None:
     if len(parts) != 3 or not parts[1].startswith(b"/"):
         return None
     path = parts[1].decode("latin-1").partition("?")[0]
-    if api and path.startswith("/api/") and path != "/api/rooms":
-        return urllib.parse.unquote(path.split("/")[2])  # as Server._owner reads it
+    if api and path.startswith("/api/"):
+        return api_room(path)
     try:
         return room_from_path(path)
     except HTTPError:
@@ -2870,7 +2915,8 @@ class _Relay(asyncio.Protocol):
     socketpair, whose other end the room's worker serves. An end of input on
     one side is passed along (as a half-close where the other side has one,
     else as a close); either side lost closes the other once what it has to
-    write is out.
+    write is out, or after CLOSE_TIMEOUT if its peer does not read it (as
+    ``Client.close`` does).
     """
 
     def __init__(self, done: asyncio.Future) -> None:
@@ -2878,6 +2924,15 @@ class _Relay(asyncio.Protocol):
         self.other: _Relay | None = None
         self.done = done  # when both sides are lost
         self.lost = False
+        self._abort: asyncio.TimerHandle | None = None  # a close that waits on a peer that does not read
+        self._watch: asyncio.TimerHandle | None = None  # while not read: looks for its peer's hang-up
+
+    def close(self) -> None:
+        """Close this side once what it has to write is out; abort it after CLOSE_TIMEOUT."""
+        if self.transport is None or self.lost or self._abort is not None:
+            return  # (a TLS transport closed twice lets go of its protocol, and then cannot abort)
+        self.transport.close()
+        self._abort = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -2890,22 +2945,44 @@ class _Relay(asyncio.Protocol):
         if other.can_write_eof():
             other.write_eof()
             return True  # the other way may still carry bytes
-        other.close()
+        self.other.close()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        other = self.other
-        if other.transport is not None:
-            other.transport.close()
-        if other.lost and not self.done.done():
+        for timer in (self._abort, self._watch):
+            if timer is not None:
+                timer.cancel()
+        self.other.close()
+        if self.other.lost and not self.done.done():
             self.done.set_result(None)
 
     def pause_writing(self) -> None:
         self.other.transport.pause_reading()
+        self.other._watch_hang_up()
 
     def resume_writing(self) -> None:
         self.other.transport.resume_reading()
+        if self.other._watch is not None:
+            self.other._watch.cancel()
+            self.other._watch = None
+
+    def _watch_hang_up(self) -> None:
+        """While this side is not read, look every WAIT_PING for its peer's hang-up, which only a read would show.
+
+        Else a room's worker that gives up on a client that does not read
+        (and closes its end) would go unseen here, and the relay would hold
+        the client for good.
+        """
+        if self.lost:
+            return
+        sock = self.transport.get_extra_info("socket")
+        poller = select.poll()
+        poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are always reported
+        if poller.poll(0):
+            self.transport.abort()  # connection_lost closes the other side, after CLOSE_TIMEOUT at most
+            return
+        self._watch = asyncio.get_running_loop().call_later(WAIT_PING, self._watch_hang_up)
 
 
 class _Arriving:
@@ -2948,7 +3025,7 @@ class Worker:
         self._arriving: dict[int, _Arriving] = {}  # by descriptor
         self._listening = False
         self.tls: ssl.SSLContext | None = None  # with --tlscert: every worker ends TLS for what it accepts
-        self.relays: set[asyncio.Future] = set()  # each done when its relay has closed both sides
+        self.relays: dict[asyncio.Future, tuple[_Relay, _Relay]] = {}  # each done when its relay has closed both sides
 
     def _path(self, index: int, kind: str) -> str:
         return os.path.join(self.directory, f"w{index}.{kind}")
@@ -3169,8 +3246,8 @@ class Worker:
         transport.set_protocol(outside)
         outside.connection_made(transport)
         connection.let_go()
-        self.relays.add(done)
-        done.add_done_callback(self.relays.discard)
+        self.relays[done] = (outside, inside)
+        done.add_done_callback(self.relays.pop)
         try:
             await loop.connect_accepted_socket(lambda: inside, ours)
         except OSError:
@@ -3178,8 +3255,8 @@ class Worker:
             transport.abort()
             raise
         if transport.is_closing():  # the client left meanwhile
-            inside.transport.close()
             outside.lost = True
+            inside.close()
         else:
             transport.resume_reading()
         log.debug("> TLS connection relayed to worker %d", index)
@@ -3189,6 +3266,10 @@ class Worker:
         if self.relays:
             log.info("waiting for %d relayed connections to close", len(self.relays))
             await asyncio.wait(set(self.relays), timeout=timeout)
+        for sides in list(self.relays.values()):
+            for side in sides:
+                if side.transport is not None and not side.lost:
+                    side.transport.abort()
 
     def _peer(self, index: int) -> socket.socket:
         peer = self._peers.get(index)
@@ -3227,7 +3308,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data, fds, flags, _ = socket.recv_fds(sock, HANDOVER_MAX, 1, _CMSG_CLOEXEC)
+                data, fds, flags, _ = socket.recv_fds(sock, HANDOVER_MESSAGE_MAX, 1, _CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -3246,6 +3327,9 @@ class Worker:
                 kind, peer, data = _PLAIN, "", data
             for fd in fds:
                 client = socket.socket(fileno=fd)
+                if flags & socket.MSG_TRUNC:  # cannot happen: what was sent fits; never serve a cut head
+                    _refuse(client, data, BadRequest("request too long to hand over"), peer)
+                    continue
                 if self._server.closing:
                     _refuse(client, data, ServiceUnavailable("this worker is shutting down", [("Retry-After", "1")]),
                             peer)
@@ -4037,8 +4121,8 @@ class Server:
         """
         if is_websocket_upgrade(request):
             room = room_from_path(request.path)
-        elif self.config.api and request.path.startswith("/api/") and request.path not in ("/api/", "/api/rooms"):
-            room = urllib.parse.unquote(request.path.split("/")[2])
+        elif self.config.api and api_room(request.path) is not None:
+            room = api_room(request.path)
         else:
             return None
         owner = worker_of(room, self.worker.workers)
@@ -4455,7 +4539,8 @@ def parse_args(argv: list[str]) -> Config:
                      "the proxy may set goes in --proxyheaders alone")
     if "proxy" in ns.passheaders + ns.proxyheaders:
         # httpoxy: HTTP_PROXY is the variable HTTP libraries take their proxy from.
-        parser.error("argument --passheaders: Proxy would be HTTP_PROXY to the child, the proxy its HTTP "
+        option = "--passheaders" if "proxy" in ns.passheaders else "--proxyheaders"
+        parser.error(f"argument {option}: Proxy would be HTTP_PROXY to the child, the proxy its HTTP "
                      "libraries use: any client could choose it")
     spelled: dict[str, str] = {}
     for name in ns.passheaders + ns.proxyheaders:

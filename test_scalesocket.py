@@ -4994,3 +4994,115 @@ def test_maxrate_slows_a_flooder_loses_nothing_and_serves_others_first(workers):
 
 def _masked_text(payload: bytes) -> bytes:
     return ss.encode_frame(Opcode.TEXT, payload, mask_key=os.urandom(4))
+
+
+###############################################################################
+# What review found in the day's changes ######################################
+###############################################################################
+
+
+def test_census_address_table_is_refilled_from_the_live_addresses_when_half_used():
+    """Addresses long gone do not pile up in a worker's table: it never holds more than half its slots, and a
+    search in it ends even after thousands of addresses have come and gone."""
+    config = _config("--maxclientsperaddr", "2", "--maxclients", "8", "cat")
+    memory = ss.Census.shared_memory(config, 2)
+    lock = tempfile.NamedTemporaryFile()
+    census = [ss.Census(config, memory, index, 2, lock.name) for index in range(2)]
+    slots = ss.Census.table_slots(config, 2)
+    census[1].admit_client("10.9.9.9")  # a live one, kept through every refill
+    for n in range(10 * slots):
+        census[1].admit_client(f"10.1.{n // 256}.{n % 256}")
+        census[1].release_client(f"10.1.{n // 256}.{n % 256}")
+        base = census[1]._table(1)
+        used = sum(1 for slot in range(slots) if memory_cell(census[1], base + 2 * slot))
+        assert used <= slots // 2 + 1, (n, used)
+    census[0].admit_client("10.9.9.9")
+    with pytest.raises(ss.TooManyRequests):
+        census[0].admit_client("10.9.9.9")  # worker 1's live address is still seen
+    census[0].admit_client("192.0.2.1")  # and an address in no table is found absent
+
+
+def memory_cell(census: ss.Census, index: int) -> int:
+    return census._cells[index]
+
+
+def test_census_table_has_a_ceiling():
+    """A huge --maxclients does not make each worker map gigabytes for --maxclientsperaddr."""
+    config = _config("--maxclientsperaddr", "2", "--maxclients", "100000000", "cat")
+    assert ss.Census.table_slots(config, 2) == ss.TABLE_SLOTS_MAX
+
+
+@pytest.mark.parametrize("offer", [b"permessage-deflate; server_max_window_bits=\xb2",
+                                   b"permessage-deflate; client_max_window_bits=1\xb9"])
+def test_non_ascii_digits_in_a_deflate_offer_are_declined_not_a_crash(serve, offer):
+    """A window size written with a superscript digit (a byte over 0x7F, which str.isdigit takes for one) is declined."""
+    server = serve("cat")
+    head = _upgrade_head("/r").replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: " + offer + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 101 ") and b"Sec-WebSocket-Extensions" not in answer, answer
+
+
+def test_an_origin_that_is_not_a_url_is_refused_403(serve):
+    """--sameorigin: an Origin such as 'http://[' gets 403, not an unexpected error."""
+    server = serve("--sameorigin", "cat")
+    with pytest.raises(HandshakeFailed) as exc:
+        server.connect("/r", headers={"Origin": "http://["})
+    assert exc.value.status == 403
+
+
+def test_a_long_wss_request_relayed_arrives_whole(certificate):
+    """A wss request head of nearly HANDOVER_MAX bytes, relayed by the worker that ended TLS, reaches the room's
+    worker whole (the hand-over message holds it and its header) and gets its 101."""
+    server, context = _tls_server(certificate, 2, "--maxhead", "200000", *py_child(PID_ECHO))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        room = _owned_room(0, 2, "long")
+        base = (f"GET /{room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {'k' * 24}\r\nX-Filler: \r\n\r\n")
+        filler = "x" * (ss.HANDOVER_MAX - 5 - len(base))  # with the header, the message is over HANDOVER_MAX
+        (client,) = _wss_accepted_by_another(server, context, room, [pids[0]], 1, f"X-Filler: {filler}\r\n")
+        assert ss._processes()[int(client.recv_text())][0] == pids[0]  # the room's worker serves it
+        client.send_text("whole")
+        assert client.recv_text() == "whole"
+        client.close()
+    finally:
+        assert server.stop() == 0
+
+
+def _server_end_open(port: int, sock: socket.socket) -> bool:
+    """Whether the server still has its end of a client's connection open (Linux /proc/net/tcp)."""
+    local = f"0100007F:{sock.getsockname()[1]:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1] == f"0100007F:{port:04X}" and line.split()[2] == local and line.split()[9] != "0"
+                   for line in f.readlines()[1:])
+
+
+@pytest.mark.parametrize("backlog", [65536, 4 * 2**20])  # the second fills the relay's TLS side: it stops reading
+def test_a_relayed_wss_client_that_never_reads_is_cut_once_its_room_worker_lets_go(certificate, backlog):
+    """A relayed wss client that stops reading is closed by its room's worker (1008, then the cut); the relaying
+    worker then drops it too within CLOSE_TIMEOUT, instead of holding it while TLS waits to write."""
+    flood = ("import os, sys\nprint(os.getpid(), flush=True)\nif sys.stdin.readline().strip() == 'flood':\n"
+             "    while True:\n        sys.stdout.write('x' * 1000 + '\\n')\n")
+    server, context = _tls_server(certificate, 2, "--maxbacklog", str(backlog), *py_child(flood))
+    server.tls = context
+    try:
+        pids = _worker_pids(server, 2)
+        room = _owned_room(0, 2, "stall")
+        (client,) = _wss_accepted_by_another(server, context, room, [pids[0]], 1)  # worker 1 relays it
+        assert ss._processes()[int(client.recv_text())][0] == pids[0]
+        client.send_text("flood")
+        # It never reads again. Its room's worker closes it for the backlog and cuts it CLOSE_TIMEOUT later;
+        # the relaying worker's TLS side must not wait on for the client to read what is left.
+        wait_until(lambda: not _server_end_open(server.port, client.sock), timeout=2 * ss.CLOSE_TIMEOUT + IO_TIMEOUT,
+                   what="the relaying worker to drop the connection")
+        assert any("client fell behind" in line for line in server.lines), server.lines
+        client.sock.close()
+    finally:
+        assert server.stop() == 0
