@@ -5106,3 +5106,21 @@ def test_a_relayed_wss_client_that_never_reads_is_cut_once_its_room_worker_lets_
         client.sock.close()
     finally:
         assert server.stop() == 0
+
+
+def test_a_client_over_maxrate_answers_a_close_and_gets_a_clean_closing_handshake():
+    """When the server closes a client that --maxrate holds back, it reads it again: the client's close answer
+    comes in (a closing handshake, 1000), rather than the connection being cut CLOSE_TIMEOUT later (1006)."""
+    once = "import sys\nsys.stdin.readline()\nprint('bye', flush=True)\n"  # exits after one line: code 0
+    server = CLIServer("-v", "--maxrate", "1:1", *py_child(once))
+    try:
+        client = ws_connect("127.0.0.1", server.port, "/held")
+        client.sock.sendall(b"".join(_masked_text(f"m{n}".encode()) for n in range(20)))  # 19 held back
+        assert client.recv() == (Opcode.TEXT, b"bye")
+        assert client.recv_close()[0] == 1000  # and the client answers it
+        client.close()
+        wait_until(lambda: any(re.search(r"client 1: = closed \d+", line) for line in server.lines),
+                   what="the server to end the connection")
+        assert any("client 1: = closed 1000" in line for line in server.lines), server.lines
+    finally:
+        assert server.stop() == 0
