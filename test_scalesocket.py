@@ -3430,6 +3430,20 @@ class _HeadRecorder:
         self.sock.close()
 
 
+def _head_through(port: int, headers: dict) -> dict:
+    """Send an upgrade for /room1?nick=ann from 127.0.0.9 through a proxy to a _HeadRecorder; return what it got."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=IO_TIMEOUT, source_address=("127.0.0.9", 0))
+    try:
+        conn.request("GET", "/room1?nick=ann", headers={
+            "Host": f"127.0.0.1:{port}", **headers,
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        })
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("kind", ["nginx", "haproxy"])
 def test_proxy_sets_x_forwarded_for_drops_forwarded_keeps_host(kind):
     """What the hosts receive: the client's Host (port included), X-Forwarded-For replaced by the
@@ -3438,14 +3452,7 @@ def test_proxy_sets_x_forwarded_for_drops_forwarded_keeps_host(kind):
     proxy = None
     try:
         proxy = Proxy(kind, [r.port for r in recorders])
-        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=IO_TIMEOUT, source_address=("127.0.0.9", 0))
-        conn.request("GET", "/room1?nick=ann", headers={
-            "Host": f"127.0.0.1:{proxy.port}", "X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6",
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-        })
-        seen = json.loads(conn.getresponse().read())
-        conn.close()
+        seen = _head_through(proxy.port, {"X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6"})
     finally:
         if proxy is not None:
             proxy.stop()
@@ -3603,15 +3610,8 @@ def test_proxy_auth_what_the_hosts_receive():
     proxy = None
     try:
         proxy = AuthProxy([r.port for r in recorders], login.port)
-        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=IO_TIMEOUT, source_address=("127.0.0.9", 0))
-        conn.request("GET", "/room1?nick=ann", headers={
-            "Host": f"127.0.0.1:{proxy.port}", "Cookie": "theme=dark; session=carol-token",
-            "X-Forwarded-User": "mallory", "X-Forwarded-For": "6.6.6.6",
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-        })
-        seen = json.loads(conn.getresponse().read())
-        conn.close()
+        seen = _head_through(proxy.port, {"Cookie": "theme=dark; session=carol-token", "X-Forwarded-User": "mallory",
+                                          "X-Forwarded-For": "6.6.6.6"})
     finally:
         if proxy is not None:
             proxy.stop()
