@@ -4041,14 +4041,19 @@ def test_workers_sigterm_closes_every_client_1001_and_exits_0():
         clients, children = _first_lines(server.port, 8)
         parents = {int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1]) for pid in children}
         assert len(parents) == 2  # rooms on both workers
-        server.proc.send_signal(signal.SIGTERM)
-        for client in clients:
-            assert client.recv_close() == (1001, "server shutting down")
-        assert server.proc.wait(IO_TIMEOUT) == 0
-        for pid in children:
-            assert process_gone(pid)
+        _shuts_down_on(signal.SIGTERM, server, clients, children)
     finally:
         server.stop()
+
+
+def _shuts_down_on(signum: int, server: CLIServer, clients: list[WSClient], children: list[int]) -> None:
+    """Signal the server; assert 1001 to every client, exit 0 and every child reaped."""
+    server.proc.send_signal(signum)
+    for client in clients:
+        assert client.recv_close() == (1001, "server shutting down")
+    assert server.proc.wait(IO_TIMEOUT) == 0
+    for pid in children:
+        assert process_gone(pid)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -4057,12 +4062,7 @@ def test_sigint_shuts_down_as_sigterm_does(workers):
     server = CLIServer("--workers", workers, *py_child(PID_ECHO))
     try:
         clients, children = _first_lines(server.port, 6)
-        server.proc.send_signal(signal.SIGINT)
-        for client in clients:
-            assert client.recv_close() == (1001, "server shutting down")
-        assert server.proc.wait(IO_TIMEOUT) == 0
-        for pid in children:
-            assert process_gone(pid)
+        _shuts_down_on(signal.SIGINT, server, clients, children)
     finally:
         server.stop()
     assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in server.lines), server.lines
