@@ -108,19 +108,24 @@ def url(server: bench.Server, tls: bool) -> str:
     return f"{'wss' if tls else 'ws'}://{bench.HOST}:{server.port}"
 
 
+def timed_phase(server: bench.Server, gen: bench.LoadGen, deadline: float) -> tuple[dict, dict]:
+    """CPU of the server tree between the generator's 'begin' and 'end' lines; return it and the 'end' figures."""
+    timed = Timed(server.pid)
+    _, begin = gen.wait_for("begin", deadline)
+    timed.begin(begin)
+    _, end = gen.wait_for("end", deadline)
+    cpu = timed.end(end)
+    gen.finish()
+    return cpu, end
+
+
 def run_connections(workers: int, args, tls: tuple[str, str] | None = None) -> dict:
     server = start_server(workers, tls)
     try:
         gen = bench.LoadGen("go", "connect", ["--url", url(server, bool(tls)), "--count", str(args.connections),
                                               "--rooms", str(args.rooms), "--concurrency", str(args.concurrency),
                                               "--room", "conn"], timeout=120)
-        timed = Timed(server.pid)
-        deadline = time.monotonic() + 150
-        _, begin = gen.wait_for("begin", deadline)
-        timed.begin(begin)
-        _, end = gen.wait_for("end", deadline)
-        cpu = timed.end(end)
-        gen.finish()
+        cpu, end = timed_phase(server, gen, time.monotonic() + 150)
     finally:
         server.stop()
     done = end["connections"]
@@ -178,12 +183,7 @@ def run_room(tls: tuple[str, str], hop: bool, args) -> dict:
             os.kill(stopped, signal.SIGCONT)
         gen.say("go")
         gen.wait_for("ready", deadline)
-        timed = Timed(server.pid)
-        _, begin = gen.wait_for("begin", deadline)
-        timed.begin(begin)
-        _, end = gen.wait_for("end", deadline)
-        cpu = timed.end(end)
-        gen.finish()
+        cpu, end = timed_phase(server, gen, deadline)
     finally:
         server.stop()
     return {**cpu, "deliveries": end["deliveries"],

@@ -496,6 +496,21 @@ func (rc *rawConn) finish() error {
 	return err
 }
 
+// echoAndClose sends msg as text, expects it back (the room's cat echoes it)
+// and ends with the closing handshake; on any failure the connection is dropped.
+func (rc *rawConn) echoAndClose(msg []byte, deadline time.Time) error {
+	if err := rc.writeFrame(websocket.TextMessage, msg); err != nil {
+		rc.conn.Close()
+		return err
+	}
+	opcode, echo, err := rc.readFrame()
+	if err != nil || opcode != websocket.TextMessage || !bytes.Equal(echo, msg) {
+		rc.conn.Close()
+		return errors.New("no echo")
+	}
+	return rc.closeHandshake(deadline)
+}
+
 // closeHandshake sends a close frame, waits for the server's and finishes.
 func (rc *rawConn) closeHandshake(deadline time.Time) error {
 	rc.conn.SetDeadline(deadline)
@@ -655,15 +670,7 @@ func connect(o *options) error {
 		if err != nil {
 			return err
 		}
-		if err := rc.writeFrame(websocket.TextMessage, msg); err != nil {
-			rc.conn.Close()
-			return err
-		}
-		if opcode, echo, err := rc.readFrame(); err != nil || opcode != websocket.TextMessage || !bytes.Equal(echo, msg) {
-			rc.conn.Close()
-			return errors.New("no echo")
-		}
-		return rc.closeHandshake(deadline)
+		return rc.echoAndClose(msg, deadline)
 	})
 	res["connections"] = res["done"]
 	delete(res, "done")
@@ -779,17 +786,7 @@ func rooms(o *options) error {
 		if err != nil {
 			return err
 		}
-		msg := []byte(fmt.Sprintf("hello %d", n))
-		if err := rc.writeFrame(websocket.TextMessage, msg); err != nil {
-			rc.conn.Close()
-			return err
-		}
-		opcode, echo, err := rc.readFrame()
-		if err != nil || opcode != websocket.TextMessage || !bytes.Equal(echo, msg) {
-			rc.conn.Close()
-			return errors.New("bad echo")
-		}
-		return rc.closeHandshake(deadline)
+		return rc.echoAndClose([]byte(fmt.Sprintf("hello %d", n)), deadline)
 	})
 	res["rooms"] = res["done"]
 	delete(res, "done")
