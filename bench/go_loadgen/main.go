@@ -375,6 +375,11 @@ func (rc *rawConn) upgrade(request []byte) error {
 	if _, err := rc.conn.Write(request); err != nil {
 		return err
 	}
+	return rc.readUpgrade()
+}
+
+// readUpgrade reads the answer to an upgrade request: a 101 with the right Sec-WebSocket-Accept.
+func (rc *rawConn) readUpgrade() error {
 	status, err := rc.br.ReadSlice('\n')
 	if err != nil {
 		return err
@@ -714,18 +719,8 @@ func roomRate(o *options) error {
 	bufio.NewReader(os.Stdin).ReadString('\n')
 	for _, rc := range clients {
 		rc.conn.SetDeadline(time.Now().Add(stepTimeout))
-		status, err := rc.br.ReadSlice('\n')
-		if err != nil || !bytes.HasPrefix(status, []byte("HTTP/1.1 101")) {
-			return fmt.Errorf("no 101: %q %v", status, err)
-		}
-		for {
-			line, err := rc.br.ReadSlice('\n')
-			if err != nil {
-				return err
-			}
-			if len(bytes.TrimSpace(line)) == 0 {
-				break
-			}
+		if err := rc.readUpgrade(); err != nil {
+			return fmt.Errorf("no 101: %v", err)
 		}
 		rc.conn.SetDeadline(time.Time{})
 	}
